@@ -1,0 +1,147 @@
+//! Device models and the registry of device kinds.
+//!
+//! Every kind lives in one file that holds, in order: what it is, its spec struct (what a machine
+//! file says about it), its device model and its tests. The registry below is the one list of
+//! kinds: adding a device is one file plus one line in [`for_each_device_kind`]. The rest of vmm
+//! asks a device what it needs ([`DeviceSpec::needs`]) instead of matching on its kind.
+
+pub mod block;
+pub mod char_io;
+pub mod console;
+pub mod legacy;
+pub mod net;
+pub mod rng;
+pub mod transport;
+
+use serde::Serialize;
+
+use crate::spec::units::PciSlot;
+use crate::validate::DeviceCheck;
+
+/// The list of device kinds: `key => Variant(SpecType)`. `key` is the machine file's table
+/// name (`[[net]]`) and the doc comment is its description in the schema.
+macro_rules! for_each_device_kind {
+    ($callback:ident) => {
+        $callback! {
+            /// 16550 UARTs on the legacy I/O ports (COM1–COM4), as `[[serial]]` entries.
+            serial => Serial(crate::devices::legacy::serial::SerialSpec),
+            /// The CMOS real-time clock and NVRAM at ports 0x70–0x71 (at most one).
+            rtc => Rtc(crate::devices::legacy::cmos::RtcSpec),
+            /// The i8042 keyboard controller at ports 0x60/0x64; its reset line reboots (at most one).
+            i8042 => I8042(crate::devices::legacy::i8042::I8042Spec),
+            /// virtio block devices backed by raw image files.
+            block => Block(crate::devices::block::BlockSpec),
+            /// virtio network devices backed by host TAP interfaces; hot-pluggable.
+            net => Net(crate::devices::net::NetSpec),
+            /// virtio consoles (hvc0 …) on the terminal, a file or a unix socket.
+            console => Console(crate::devices::console::ConsoleSpec),
+            /// virtio entropy devices fed from the host's getrandom.
+            rng => Rng(crate::devices::rng::RngSpec),
+        }
+    };
+}
+pub(crate) use for_each_device_kind;
+
+macro_rules! define_registry {
+    ($( $(#[doc = $doc:literal])* $key:ident => $variant:ident($spec:ty), )*) => {
+        /// Every kind of device a machine file can declare.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum DeviceKind { $( $variant, )* }
+
+        impl DeviceKind {
+            pub const ALL: &'static [DeviceKind] = &[$( DeviceKind::$variant, )*];
+
+            /// The machine file key of this kind (`net` for `[[net]]`).
+            pub fn key(self) -> &'static str {
+                match self { $( DeviceKind::$variant => stringify!($key), )* }
+            }
+
+            /// What every device of this kind has in common.
+            pub fn info(self) -> &'static KindInfo {
+                match self { $( DeviceKind::$variant => &<$spec as DeviceKindInfo>::INFO, )* }
+            }
+        }
+
+        /// A device of any kind, as the machine file declares it (inert data).
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(untagged)]
+        pub enum AnyDevice { $( $variant($spec), )* }
+
+        impl AnyDevice {
+            pub fn spec(&self) -> &dyn DeviceSpec {
+                match self { $( AnyDevice::$variant(d) => d, )* }
+            }
+        }
+
+        $(
+            impl From<$spec> for AnyDevice {
+                fn from(d: $spec) -> AnyDevice { AnyDevice::$variant(d) }
+            }
+        )*
+    };
+}
+for_each_device_kind!(define_registry);
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.key())
+    }
+}
+
+/// Facts shared by all devices of one kind.
+#[derive(Debug)]
+pub struct KindInfo {
+    /// Whether a running VM can gain or lose a device of this kind.
+    pub hotpluggable: bool,
+    /// The most devices of this kind one machine can have.
+    pub max_count: Option<usize>,
+}
+
+/// Static facts of a device kind; the registry reads them through [`DeviceKind::info`].
+pub trait DeviceKindInfo {
+    const INFO: KindInfo;
+}
+
+/// A fixed set of legacy I/O ports and ISA interrupts a device can sit at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PioPlacement {
+    /// Conventional name of the placement, e.g. "com1".
+    pub label: &'static str,
+    /// (first port, number of ports).
+    pub ports: &'static [(u16, u16)],
+    /// ISA IRQs (= IOAPIC pins) the device raises.
+    pub irqs: &'static [u8],
+}
+
+/// What a device needs from the machine. The graph allocates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Needs {
+    /// One of these placements on the legacy I/O port bus, the first free one in order.
+    Pio(Vec<PioPlacement>),
+    /// A virtio device on PCI bus 0; the virtio-pci transport decides BARs and vectors.
+    VirtioPci {
+        /// virtio device type (virtio 1.2 section 5).
+        device_type: u16,
+        /// Number of virtqueues.
+        queues: u16,
+    },
+}
+
+/// A device as declared in a machine file, seen by the stages that do not care about its kind.
+pub trait DeviceSpec: std::fmt::Debug {
+    fn kind(&self) -> DeviceKind;
+    /// Unique name in the machine.
+    fn name(&self) -> &str;
+    /// An explicitly requested PCI slot.
+    fn slot(&self) -> Option<PciSlot> {
+        None
+    }
+    fn needs(&self) -> Needs;
+    /// Checks of this kind that the schema cannot express (files, host resources).
+    fn check(&self, _cx: &mut DeviceCheck<'_, '_>) {}
+    /// Settings shown by `vmm graph`, as key/value pairs. `machine` is the machine's name.
+    fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,3 @@
+//! Transports: how devices appear on a bus. Only this module knows BARs, capabilities and MSI-X.
+
+pub mod virtio_pci;

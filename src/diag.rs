@@ -1,0 +1,282 @@
+//! Diagnostics for machine files: a message, labelled spans into the file, help text.
+//!
+//! Every stage that judges a machine file (loading, schema, semantic validation, lowering, the
+//! reconciler) reports through [`Diag`]; [`Report`] binds them to the file's text and renders
+//! them with miette, all at once.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use miette::{
+    Diagnostic, GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, Severity,
+    SourceCode,
+};
+use serde::Serialize;
+
+/// A labelled byte range of the machine file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Label {
+    pub span: Range<usize>,
+    pub text: Option<String>,
+}
+
+/// One problem in a machine file. `labels[0]`, when present, is the primary location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diag {
+    /// Stable identifier, e.g. `vmm::duplicate`; documented in docs/machine-format.md.
+    pub code: &'static str,
+    pub message: String,
+    pub labels: Vec<Label>,
+    pub help: Option<String>,
+    /// Warnings are printed but do not make a file invalid.
+    pub warning: bool,
+}
+
+impl Diag {
+    pub fn error(code: &'static str, message: impl Into<String>) -> Diag {
+        Diag {
+            code,
+            message: message.into(),
+            labels: Vec::new(),
+            help: None,
+            warning: false,
+        }
+    }
+    pub fn warning(code: &'static str, message: impl Into<String>) -> Diag {
+        Diag {
+            warning: true,
+            ..Diag::error(code, message)
+        }
+    }
+    /// Adds a label; the first one added is the primary location.
+    pub fn label(mut self, span: Range<usize>, text: impl Into<String>) -> Diag {
+        let text = text.into();
+        self.labels.push(Label {
+            span,
+            text: (!text.is_empty()).then_some(text),
+        });
+        self
+    }
+    pub fn help(mut self, help: impl Into<String>) -> Diag {
+        self.help = Some(help.into());
+        self
+    }
+    pub fn primary_span(&self) -> Option<Range<usize>> {
+        self.labels.first().map(|l| l.span.clone())
+    }
+}
+
+/// A list of diagnostics, in the order found.
+pub type Diags = Vec<Diag>;
+
+/// Diagnostics bound to the text they point into.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub source: Arc<NamedSource<String>>,
+    pub diags: Diags,
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..floor_char_boundary(text, offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Machine-readable form of one diagnostic (`--message-format json`).
+#[derive(Debug, Serialize)]
+pub struct JsonDiag<'a> {
+    pub file: &'a str,
+    pub severity: &'static str,
+    pub code: &'static str,
+    pub message: &'a str,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub labels: Vec<JsonLabel<'a>>,
+    pub help: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonLabel<'a> {
+    pub line: usize,
+    pub column: usize,
+    pub start: usize,
+    pub end: usize,
+    pub text: Option<&'a str>,
+}
+
+impl Report {
+    pub fn new(name: &str, text: String, diags: Diags) -> Report {
+        Report {
+            source: Arc::new(NamedSource::new(name, text)),
+            diags,
+        }
+    }
+    pub fn text(&self) -> &str {
+        self.source.inner()
+    }
+    pub fn has_errors(&self) -> bool {
+        self.diags.iter().any(|d| !d.warning)
+    }
+    pub fn error_count(&self) -> usize {
+        self.diags.iter().filter(|d| !d.warning).count()
+    }
+
+    /// Renders every diagnostic with miette's graphical handler.
+    pub fn render(&self, color: bool, width: usize) -> String {
+        let theme = if color {
+            GraphicalTheme::unicode()
+        } else {
+            GraphicalTheme::unicode_nocolor()
+        };
+        let handler = GraphicalReportHandler::new_themed(theme).with_width(width);
+        let mut out = String::new();
+        for d in &self.diags {
+            let r = Rendered {
+                diag: d,
+                source: &self.source,
+            };
+            // Writing to a String cannot fail.
+            let _ = handler.render_report(&mut out, &r);
+        }
+        out
+    }
+
+    pub fn json(&self) -> Vec<JsonDiag<'_>> {
+        let text = self.text();
+        self.diags
+            .iter()
+            .map(|d| {
+                let labels: Vec<JsonLabel<'_>> = d
+                    .labels
+                    .iter()
+                    .map(|l| {
+                        let (line, column) = line_col(text, l.span.start);
+                        JsonLabel {
+                            line,
+                            column,
+                            start: l.span.start,
+                            end: l.span.end,
+                            text: l.text.as_deref(),
+                        }
+                    })
+                    .collect();
+                JsonDiag {
+                    file: self.source.name(),
+                    severity: if d.warning { "warning" } else { "error" },
+                    code: d.code,
+                    message: &d.message,
+                    line: labels.first().map(|l| l.line),
+                    column: labels.first().map(|l| l.column),
+                    help: d.help.as_deref(),
+                    labels,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One diagnostic seen through miette.
+struct Rendered<'a> {
+    diag: &'a Diag,
+    source: &'a NamedSource<String>,
+}
+
+impl fmt::Debug for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.diag.message)
+    }
+}
+
+impl fmt::Display for Rendered<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.diag.message)
+    }
+}
+
+impl std::error::Error for Rendered<'_> {}
+
+impl Diagnostic for Rendered<'_> {
+    fn code<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        Some(Box::new(self.diag.code))
+    }
+    fn severity(&self) -> Option<Severity> {
+        Some(if self.diag.warning {
+            Severity::Warning
+        } else {
+            Severity::Error
+        })
+    }
+    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.diag
+            .help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
+    }
+    fn source_code(&self) -> Option<&dyn SourceCode> {
+        if self.diag.labels.is_empty() {
+            None
+        } else {
+            Some(self.source)
+        }
+    }
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        if self.diag.labels.is_empty() {
+            return None;
+        }
+        Some(Box::new(self.diag.labels.iter().enumerate().map(
+            |(i, l)| {
+                let len = l.span.end.saturating_sub(l.span.start);
+                if i == 0 {
+                    LabeledSpan::new_primary_with_span(l.text.clone(), (l.span.start, len))
+                } else {
+                    LabeledSpan::new_with_span(l.text.clone(), (l.span.start, len))
+                }
+            },
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_chars() {
+        let t = "a = 1\nbé = 2\n";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 6), (2, 1));
+        assert_eq!(line_col(t, 9), (2, 3)); // after the two-byte é
+        assert_eq!(line_col(t, 999), (3, 1));
+    }
+
+    #[test]
+    fn renders_all_diagnostics_with_positions() {
+        let text = "memory = \"64Q\"\nvcpus = 0\n".to_string();
+        let r = Report::new(
+            "m.toml",
+            text,
+            vec![
+                Diag::error("vmm::a", "bad size")
+                    .label(9..14, "here")
+                    .help("use M"),
+                Diag::error("vmm::b", "bad count").label(23..24, ""),
+            ],
+        );
+        let out = r.render(false, 80);
+        assert!(out.contains("[m.toml:1:10]"), "{out}");
+        assert!(out.contains("[m.toml:2:9]"), "{out}");
+        assert!(out.contains("help: use M"), "{out}");
+        assert_eq!(r.error_count(), 2);
+    }
+}

@@ -1,0 +1,59 @@
+//! vmm: a declarative virtual machine launcher. The machine file is the VM.
+//!
+//! ```text
+//! machine file ─spec::load_file─▶ Loaded ─validate::validate─▶ ValidSpec ─graph::lower─▶ DeviceGraph
+//!   (TOML/JSON, spans)            (schema-checked, typed)      (semantic rules)          (buses, slots, IRQs, BARs)
+//! graph::diff::plan(old, new) ── what a running VM can take (hot-apply) and what needs a restart
+//! ```
+//!
+//! Each stage has its own types and never reaches back; every problem on the way is a
+//! [`diag::Diag`] with a span into the file, and all of them are reported at once.
+
+pub mod devices;
+pub mod diag;
+pub mod graph;
+pub mod spec;
+pub mod validate;
+
+use std::path::Path;
+
+use diag::Report;
+use graph::DeviceGraph;
+use validate::ValidSpec;
+
+/// A machine file that passed every check, lowered, with its warnings.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub valid: ValidSpec,
+    pub graph: DeviceGraph,
+    pub warnings: Report,
+}
+
+/// Loads, validates and lowers a machine file; the report holds every problem found.
+pub fn check_file(path: &Path) -> Result<Checked, Report> {
+    let loaded = spec::load_file(path)?;
+    check_loaded(loaded)
+}
+
+/// Validates and lowers an already loaded machine file.
+pub fn check_loaded(loaded: spec::Loaded) -> Result<Checked, Report> {
+    let (valid, warnings) = match validate::validate(loaded) {
+        Ok(v) => v,
+        Err((loaded, diags)) => return Err(loaded.report(diags)),
+    };
+    match graph::lower(&valid) {
+        Ok(graph) => {
+            let warnings = valid.loaded().report(warnings);
+            Ok(Checked {
+                valid,
+                graph,
+                warnings,
+            })
+        }
+        Err(mut diags) => {
+            diags.extend(warnings);
+            diags.sort_by_key(|d| d.primary_span().map(|s| s.start));
+            Err(valid.loaded().report(diags))
+        }
+    }
+}

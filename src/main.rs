@@ -1,0 +1,261 @@
+//! The `vmm` command line. Exit codes: 0 success, 1 runtime failure, 2 bad machine file.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vmm::diag::Report;
+use vmm::graph::diff::{self, Class, Side};
+
+/// A declarative virtual machine launcher: the machine file is the VM.
+#[derive(Parser)]
+#[command(name = "vmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a machine file and print every problem in it.
+    Check {
+        file: PathBuf,
+        /// How to print diagnostics.
+        #[arg(long, value_enum, default_value = "human")]
+        message_format: Format,
+    },
+    /// Print the JSON Schema of machine files.
+    Schema,
+    /// Print the device graph a machine file lowers to.
+    Graph {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Show what changes from one machine file to another, and which a running VM can take.
+    Plan {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Boot the machine with its console on this terminal.
+    Up { file: PathBuf },
+}
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_BAD_FILE: u8 = 2;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check {
+            file,
+            message_format,
+        } => check(&file, message_format),
+        Command::Schema => {
+            print!("{}", vmm::spec::schema::render());
+            ExitCode::SUCCESS
+        }
+        Command::Graph { file, format } => graph(&file, format),
+        Command::Plan { old, new, format } => plan(&old, &new, format),
+        Command::Up { file } => up(&file),
+    }
+}
+
+/// Prints a report on stderr: graphical when a person reads it, JSON when asked.
+fn emit(report: &Report, format: Format) {
+    if report.diags.is_empty() {
+        return;
+    }
+    match format {
+        Format::Json => {
+            for d in report.json() {
+                println!("{}", serde_json::to_string(&d).unwrap_or_default());
+            }
+        }
+        Format::Human => {
+            let tty = std::io::stderr().is_terminal();
+            let color = tty && std::env::var_os("NO_COLOR").is_none();
+            let width = if tty {
+                terminal_width().unwrap_or(100)
+            } else {
+                100
+            };
+            eprint!("{}", report.render(color, width));
+            let (e, w) = (
+                report.error_count(),
+                report.diags.len() - report.error_count(),
+            );
+            let name = report.source.name();
+            match (e, w) {
+                (0, w) => eprintln!("{name}: {w} warning{}", plural(w)),
+                (e, 0) => eprintln!("{name}: {e} error{}", plural(e)),
+                (e, w) => eprintln!("{name}: {e} error{}, {w} warning{}", plural(e), plural(w)),
+            }
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn terminal_width() -> Option<usize> {
+    std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok())
+}
+
+fn check(file: &Path, format: Format) -> ExitCode {
+    match vmm::check_file(file) {
+        Ok(c) => {
+            emit(&c.warnings, format);
+            if format == Format::Human {
+                let g = &c.graph;
+                println!(
+                    "{}: ok (machine {}, {} vCPU{}, {}, {} device{})",
+                    file.display(),
+                    g.machine,
+                    g.vcpus,
+                    plural(g.vcpus as usize),
+                    vmm::spec::units::human_size(g.memory),
+                    g.devices.len(),
+                    plural(g.devices.len())
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(report) => {
+            emit(&report, format);
+            ExitCode::from(EXIT_BAD_FILE)
+        }
+    }
+}
+
+fn graph(file: &Path, format: Format) -> ExitCode {
+    match vmm::check_file(file) {
+        Ok(c) => {
+            emit(&c.warnings, Format::Human);
+            match format {
+                Format::Human => print!("{}", c.graph.render()),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&c.graph).unwrap_or_default()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(report) => {
+            emit(&report, Format::Human);
+            ExitCode::from(EXIT_BAD_FILE)
+        }
+    }
+}
+
+fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
+    let o = match vmm::check_file(old) {
+        Ok(c) => c,
+        Err(report) => {
+            eprintln!("the old machine file is invalid:");
+            emit(&report, Format::Human);
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    let new_valid = match vmm::check_file(new) {
+        Ok(c) => c.valid,
+        Err(report) => {
+            if format == Format::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "status": "invalid", "diagnostics": report.json() })
+                );
+            } else {
+                println!("invalid: {} cannot be applied", new.display());
+                emit(&report, Format::Human);
+            }
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    let plan = match diff::plan(&o.valid, &o.graph, &new_valid) {
+        Ok((p, _)) => p,
+        Err(diags) => {
+            emit(&new_valid.loaded().report(diags), Format::Human);
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    if format == Format::Json {
+        println!(
+            "{}",
+            serde_json::json!({ "status": "ok", "changes": plan.changes })
+        );
+        return ExitCode::SUCCESS;
+    }
+    if plan.is_empty() {
+        println!("no changes");
+        return ExitCode::SUCCESS;
+    }
+    let (hot, restart) = (plan.count(Class::HotApply), plan.count(Class::NeedsRestart));
+    println!(
+        "{} change{}: {hot} hot-apply, {restart} needs-restart",
+        plan.changes.len(),
+        plural(plan.changes.len())
+    );
+    for c in &plan.changes {
+        let reason = c
+            .reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        println!(
+            "  {:<13}  {}: {}{reason}",
+            c.class.to_string(),
+            c.subject,
+            c.detail
+        );
+    }
+    if hot > 0 && restart > 0 {
+        println!(
+            "a running VM would take none of these: the edit mixes live and restart-only changes"
+        );
+    }
+    for (side, loaded) in [
+        (Side::New, new_valid.loaded()),
+        (Side::Old, o.valid.loaded()),
+    ] {
+        let diags = plan.restart_diags(side);
+        if !diags.is_empty() {
+            let report = loaded.report(diags);
+            let tty = std::io::stderr().is_terminal();
+            eprint!(
+                "{}",
+                report.render(tty && std::env::var_os("NO_COLOR").is_none(), 100)
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn up(file: &Path) -> ExitCode {
+    match vmm::check_file(file) {
+        Ok(c) => {
+            emit(&c.warnings, Format::Human);
+            eprintln!(
+                "error: the KVM backend is not yet available; `vmm check` and `vmm graph` work"
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(report) => {
+            emit(&report, Format::Human);
+            ExitCode::from(EXIT_BAD_FILE)
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! What the user wrote: the machine file's types and how a file becomes a [`MachineSpec`].
+//!
+//! Loading is: text → [`source::Document`] (value + spans) → JSON Schema check (every type
+//! error at once) → serde into [`MachineSpec`]. Spec types are inert data.
+
+pub mod schema;
+pub mod source;
+pub mod units;
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::devices::{AnyDevice, DeviceSpec, for_each_device_kind};
+use crate::diag::{Diag, Report};
+use source::{Document, Format, Spans};
+use units::{ByteSize, DeviceName, FilePath};
+
+macro_rules! define_machine_spec {
+    ($( $(#[doc = $doc:literal])* $key:ident => $variant:ident($spec:ty), )*) => {
+        /// A vmm machine: memory, vCPUs, what to boot, and its devices.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        #[schemars(title = "vmm machine file")]
+        pub struct MachineSpec {
+            /// Machine name, used in logs, for the control socket and to derive MAC addresses.
+            pub name: DeviceName,
+            /// Guest RAM, e.g. "256M" or "2G"; a multiple of 4K.
+            pub memory: ByteSize,
+            /// Number of virtual CPUs.
+            #[schemars(range(min = 1, max = 254))]
+            pub vcpus: u32,
+            /// Linux kernel: an uncompressed vmlinux (PVH or 64-bit ELF entry) or a bzImage.
+            pub kernel: FilePath,
+            /// Initial ramdisk (initramfs) loaded next to the kernel.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub initrd: Option<FilePath>,
+            /// Kernel command line, e.g. "console=ttyS0".
+            #[serde(default, skip_serializing_if = "String::is_empty")]
+            pub cmdline: String,
+            /// PCI bus 0 settings.
+            #[serde(default, skip_serializing_if = "PciSpec::is_default")]
+            pub pci: PciSpec,
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, skip_serializing_if = "Vec::is_empty")]
+                pub $key: Vec<$spec>,
+            )*
+        }
+
+        impl MachineSpec {
+            /// Every device with its position in the file ("/net/1"), kind by kind.
+            pub fn devices(&self) -> Vec<(String, &dyn DeviceSpec)> {
+                let mut all: Vec<(String, &dyn DeviceSpec)> = Vec::new();
+                $(
+                    for (i, d) in self.$key.iter().enumerate() {
+                        all.push((format!("/{}/{i}", stringify!($key)), d));
+                    }
+                )*
+                all
+            }
+
+            /// Every device as owned data, kind by kind.
+            pub fn owned_devices(&self) -> Vec<AnyDevice> {
+                let mut all = Vec::new();
+                $( all.extend(self.$key.iter().cloned().map(AnyDevice::from)); )*
+                all
+            }
+
+            /// Removes the device called `name`; true if there was one.
+            pub fn remove_device(&mut self, name: &str) -> bool {
+                $(
+                    if let Some(i) = self.$key.iter().position(|d| d.name() == name) {
+                        self.$key.remove(i);
+                        return true;
+                    }
+                )*
+                false
+            }
+
+            /// Adds a device of any kind at the end of its list.
+            pub fn push_device(&mut self, d: AnyDevice) {
+                match d { $( AnyDevice::$variant(d) => self.$key.push(d), )* }
+            }
+        }
+    };
+}
+for_each_device_kind!(define_machine_spec);
+
+/// PCI bus 0.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PciSpec {
+    /// Slots kept free for devices added while the VM runs (the highest-numbered slots).
+    /// Hot-pluggable devices without a `slot` go into them first.
+    #[serde(default)]
+    #[schemars(range(max = 31))]
+    pub hotplug_slots: u8,
+}
+
+impl PciSpec {
+    pub fn is_default(&self) -> bool {
+        *self == PciSpec::default()
+    }
+}
+
+/// A machine file read and type-checked: its text, spans and typed spec.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The path the user gave (for messages).
+    pub path: PathBuf,
+    /// Absolute directory relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    pub format: Format,
+    pub text: String,
+    pub spans: Spans,
+    pub spec: MachineSpec,
+}
+
+impl Loaded {
+    /// A report of `diags` against this file's text.
+    pub fn report(&self, diags: Vec<Diag>) -> Report {
+        Report::new(&self.path.display().to_string(), self.text.clone(), diags)
+    }
+}
+
+/// Reads and type-checks a machine file. A file that cannot be read gives a report without
+/// spans.
+pub fn load_file(path: &Path) -> Result<Loaded, Report> {
+    let name = path.display().to_string();
+    let text = match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                let d = Diag::error("vmm::syntax", "The machine file is not valid UTF-8")
+                    .label(valid..valid + 1, "invalid byte");
+                return Err(Report::new(&name, text, vec![d]));
+            }
+        },
+        Err(e) => {
+            let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+            let d = Diag::error(
+                "vmm::io",
+                format!("Cannot read machine file {}: {e}", abs.display()),
+            );
+            return Err(Report::new(&name, String::new(), vec![d]));
+        }
+    };
+    let base_dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    load_str(path, text, Format::of_path(path), base_dir)
+}
+
+/// Type-checks machine file text. `path` names it in messages; `base_dir` resolves its paths.
+pub fn load_str(
+    path: &Path,
+    text: String,
+    format: Format,
+    base_dir: PathBuf,
+) -> Result<Loaded, Report> {
+    let name = path.display().to_string();
+    let doc: Document = match source::parse(&text, format) {
+        Ok(d) => d,
+        Err(diags) => return Err(Report::new(&name, text, diags)),
+    };
+    let diags = schema::check(&doc, &text);
+    if !diags.is_empty() {
+        return Err(Report::new(&name, text, diags));
+    }
+    // The schema admitted the value, so this only fails if schema and types disagree.
+    let spec: MachineSpec = match serde_path_to_error::deserialize(&doc.value) {
+        Ok(s) => s,
+        Err(e) => {
+            let ptr = pointer_of(e.path());
+            let d = Diag::error("vmm::type", capitalise_first(&e.inner().to_string()))
+                .label(doc.spans.value(&ptr), "here");
+            return Err(Report::new(&name, text, vec![d]));
+        }
+    };
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        base_dir,
+        format,
+        text,
+        spans: doc.spans,
+        spec,
+    })
+}
+
+fn pointer_of(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut s = String::new();
+    for seg in p.iter() {
+        match seg {
+            Segment::Seq { index } => s.push_str(&format!("/{index}")),
+            Segment::Map { key } => s.push_str(&format!("/{}", source::escape_token(key))),
+            Segment::Enum { variant } => s.push_str(&format!("/{}", source::escape_token(variant))),
+            Segment::Unknown => {}
+        }
+    }
+    s
+}
+
+fn capitalise_first(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
