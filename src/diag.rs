@@ -79,11 +79,25 @@ pub struct Report {
 
 /// 1-based line and column (in characters) of a byte offset.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..floor_char_boundary(text, offset)];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
+    LineIndex::new(text).line_col(text, offset)
+}
+
+/// Start offsets of the lines of a text, for many line/column lookups.
+pub struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    pub fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex(starts)
+    }
+
+    pub fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let offset = floor_char_boundary(text, offset.min(text.len()));
+        let line = self.0.partition_point(|&s| s <= offset);
+        let start = self.0[line - 1];
+        (line, text[start..offset].chars().count() + 1)
+    }
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
@@ -154,6 +168,7 @@ impl Report {
 
     pub fn json(&self) -> Vec<JsonDiag<'_>> {
         let text = self.text();
+        let index = LineIndex::new(text);
         self.diags
             .iter()
             .map(|d| {
@@ -161,7 +176,7 @@ impl Report {
                     .labels
                     .iter()
                     .map(|l| {
-                        let (line, column) = line_col(text, l.span.start);
+                        let (line, column) = index.line_col(text, l.span.start);
                         JsonLabel {
                             line,
                             column,

@@ -26,8 +26,8 @@ impl CharIo {
     pub fn check(&self, cx: &mut DeviceCheck<'_, '_>, field: &str) {
         match self {
             CharIo::Stdio => cx.claim(
-                "the terminal (stdio)",
-                "stdio".into(),
+                "the terminal",
+                "(stdio)".into(),
                 field,
                 "connect the other device to a `file` or a `socket`",
             ),

@@ -231,7 +231,7 @@ fn device_changes(
             subject: format!("{} `{}`", o.kind, o.name),
             detail: format!("remove from {}", where_(o)),
             reason,
-            span: old.loaded().spans.value(&ptr),
+            span: old.loaded().spans.entry(&format!("{ptr}/name")),
             side: Side::Old,
         });
     }
@@ -258,7 +258,7 @@ fn device_changes(
                 subject: format!("{} `{}`", n.kind, n.name),
                 detail: format!("add into {}", where_(n)),
                 reason,
-                span: new.loaded().spans.value(&ptr),
+                span: new.loaded().spans.entry(&format!("{ptr}/name")),
                 side: Side::New,
             });
             continue;
@@ -283,7 +283,7 @@ fn device_changes(
                     format!("becomes a {} device", n.kind)
                 },
                 reason: Some("a device's kind and place are fixed while the VM runs".into()),
-                span: new.loaded().spans.value(&ptr),
+                span: new.loaded().spans.entry(&format!("{ptr}/name")),
                 side: Side::New,
             });
             continue;

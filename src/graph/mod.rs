@@ -371,6 +371,8 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         |occ: &[Option<String>]| (1..hotplug_first).find(|&s| occ[s as usize].is_none());
     let hotplug_free =
         |occ: &[Option<String>]| (hotplug_first..PCI_SLOTS).find(|&s| occ[s as usize].is_none());
+    // Devices that found no slot, reported together: (pointer, device).
+    let mut homeless: Vec<(&String, &AnyDevice)> = Vec::new();
     for (ptr, d, _, _) in &pci {
         let name = d.spec().name();
         if slot_of.contains_key(name) {
@@ -387,25 +389,45 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
                 occupant[s as usize] = Some(name.to_string());
                 slot_of.insert(name, s);
             }
-            None => {
-                let statics = u32::from(hotplug_first) - 1;
-                let mut dd = Diag::error("vmm::no-slot", format!("No free PCI slot for `{name}`"))
-                    .label(spans.value(ptr), "does not fit");
-                dd = if hotpluggable {
-                    dd.help("all 31 slots of bus 0 are taken; remove a device")
-                } else {
-                    dd.label(
-                        spans.entry("/pci/hotplug_slots"),
-                        format!("leaves {statics} static slot{}", if statics == 1 { "" } else { "s" }),
-                    )
-                    .help(format!(
-                        "`{}` devices need a static slot: lower `pci.hotplug_slots` or remove a device",
-                        d.spec().kind()
-                    ))
-                };
-                diags.push(dd);
-            }
+            None => homeless.push((ptr, d)),
         }
+    }
+    if let Some(((ptr, first), rest)) = homeless.split_first() {
+        let name = first.spec().name();
+        let others: Vec<String> = rest
+            .iter()
+            .take(3)
+            .map(|(_, d)| format!("`{}`", d.spec().name()))
+            .collect();
+        let title = match rest.len() {
+            0 => format!("No free PCI slot for `{name}`"),
+            n @ 1..=3 => format!(
+                "No free PCI slot for `{name}` and {n} more: {}",
+                others.join(", ")
+            ),
+            n => format!(
+                "No free PCI slot for `{name}` and {n} more: {}, …",
+                others.join(", ")
+            ),
+        };
+        let mut dd = Diag::error("vmm::no-slot", title).label(spans.value(ptr), "does not fit");
+        let statics = u32::from(hotplug_first) - 1;
+        let all_hotpluggable = homeless
+            .iter()
+            .all(|(_, d)| d.spec().kind().info().hotpluggable);
+        dd = if all_hotpluggable || spec.pci.hotplug_slots == 0 {
+            dd.help(format!(
+                "bus 0 has 31 slots and the machine has {} PCI devices: remove some",
+                pci.len()
+            ))
+        } else {
+            dd.label(
+                spans.entry("/pci/hotplug_slots"),
+                format!("leaves {statics} static slot{}", if statics == 1 { "" } else { "s" }),
+            )
+            .help("only hot-pluggable devices (net) can use hotplug slots: lower `pci.hotplug_slots` or remove a device")
+        };
+        diags.push(dd);
     }
     for (_, d, device_type, queues) in &pci {
         let name = d.spec().name();

@@ -199,6 +199,10 @@ const ALIASES: &[(&str, &str)] = &[
     ("ro", "readonly"),
     ("file", "path"),
     ("image", "path"),
+    ("stdout", "stdio"),
+    ("terminal", "stdio"),
+    ("tty", "stdio"),
+    ("null", "none"),
 ];
 
 /// The allowed key closest to `got`, if it is close enough to be a typo.
@@ -214,12 +218,17 @@ pub fn suggest<'k>(got: &str, allowed: &[&'k str]) -> Option<&'k str> {
         }
     }
     let limit = if g.len() >= 5 { 2 } else { 1 };
-    allowed
+    let mut close: Vec<(usize, &'k str)> = allowed
         .iter()
         .map(|k| (strsim::damerau_levenshtein(&g, &norm(k)), *k))
         .filter(|(d, _)| *d <= limit)
-        .min()
-        .map(|(_, k)| k)
+        .collect();
+    close.sort();
+    match close.as_slice() {
+        // Equally close candidates (com5: com1? com4?) are no suggestion.
+        [(d, k), rest @ ..] if rest.first().is_none_or(|(d2, _)| d2 > d) => Some(k),
+        _ => None,
+    }
 }
 
 impl Cx<'_> {
@@ -306,7 +315,19 @@ impl Cx<'_> {
                 }
             }
             K::Required { want } => {
+                // An unknown key that looks like this one is the better report ("did you mean").
+                let unknown: Vec<String> = self
+                    .value_at(&ptr)
+                    .and_then(Value::as_object)
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default();
                 for key in want {
+                    if unknown
+                        .iter()
+                        .any(|u| u != key && suggest(u, &[key]) == Some(key))
+                    {
+                        continue;
+                    }
                     let mut d = Diag::error(
                         "vmm::missing-key",
                         format!(
@@ -420,8 +441,10 @@ impl Cx<'_> {
             got.parse::<MacAddr>().err().unwrap_or_default()
         } else if want == NAME_PATTERN {
             got.parse::<DeviceName>().err().unwrap_or_default()
+        } else if ptr.ends_with("/tap") {
+            format!("`{got}` is not a TAP interface name")
         } else {
-            format!("`{got}` does not match {want}")
+            format!("`{got}` does not have the expected form ({want})")
         };
         let mut d =
             Diag::error("vmm::value", format!("{what} is invalid: {why}")).label(span, "here");

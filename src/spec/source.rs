@@ -118,6 +118,8 @@ pub fn parse(text: &str, format: Format) -> Result<Document, Diags> {
 fn parse_toml(text: &str) -> Result<Document, Diags> {
     let (table, errors) = DeTable::parse_recoverable(text);
     if !errors.is_empty() {
+        let mut errors = errors;
+        errors.sort_by_key(|e| e.span().map_or(0, |s| s.start));
         return Err(errors
             .iter()
             .map(|e| {

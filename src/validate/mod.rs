@@ -197,7 +197,10 @@ impl<'a> Validator<'a> {
         // name → pointer of its first use; slot → (device, pointer of its `slot`).
         let mut names: HashMap<&str, String> = HashMap::new();
         let mut slots: HashMap<u8, (&str, String)> = HashMap::new();
-        for (ptr, d) in spec.devices() {
+        // In file order, so that "first used here" is the first one in the file.
+        let mut devices = spec.devices();
+        devices.sort_by_key(|(ptr, _)| self.span(ptr).start);
+        for (ptr, d) in devices {
             // A default name (rtc, i8042) has no span of its own: `value` falls back to the table.
             let name_ptr = format!("{ptr}/name");
             if let Some(first) = names.get(d.name()) {
@@ -404,6 +407,8 @@ impl DeviceCheck<'_, '_> {
         let span = self.v.span(&self.field(field));
         let name = self.name.to_string();
         match self.v.claims.get(&(what, value.clone())) {
+            // Two devices with one name: the duplicate name is the error, not what follows from it.
+            Some(first) if first.owner == name => {}
             Some(first) => {
                 let mut d = Diag::error(
                     "vmm::duplicate",

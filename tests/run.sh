@@ -1,0 +1,25 @@
+#!/bin/bash
+# Runs every vmm test: installs missing dependencies (tests/deps.sh), builds the test guest
+# (tests/guest/build.sh, cached), then `cargo test`, and prints one summary: tests run, failed,
+# and skipped (a skipped test says why; VMM_NO_SKIP=1 turns skips into failures).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+tests/deps.sh
+tests/guest/build.sh || { echo "building the test guest failed" >&2; exit 1; }
+mkdir -p target
+rm -f target/test-skips.txt
+cargo test --color never 2>&1 | tee target/test-output.txt
+rc=${PIPESTATUS[0]}
+read -r passed failed ignored < <(awk '/^test result:/ {
+    for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i }
+  } END { print p+0, f+0, g+0 }' target/test-output.txt)
+skipped=0
+[[ -f target/test-skips.txt ]] && skipped=$(wc -l < target/test-skips.txt)
+echo
+echo "==================== vmm test summary ===================="
+echo "ran $((passed + failed - skipped)) tests: $((passed - skipped)) passed, $failed failed; $skipped skipped, $ignored ignored"
+if ((skipped)); then
+  echo "SKIPPED (not counted as passed):"
+  sed 's/^/  /' target/test-skips.txt
+fi
+exit "$rc"
