@@ -6,6 +6,7 @@
 //! asks a device what it needs ([`DeviceSpec::needs`]) instead of matching on its kind.
 
 pub mod block;
+pub mod bus;
 pub mod char_io;
 pub mod console;
 pub mod legacy;
@@ -87,6 +88,25 @@ impl std::fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.key())
     }
+}
+
+/// An edge-triggered interrupt a device raises: an irqfd in a VM, a counter in tests.
+pub trait Irq: Send + Sync {
+    fn trigger(&self);
+}
+
+/// What a device can ask of the VM as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmRequest {
+    /// ACPI S5: the guest powered off.
+    PowerOff,
+    /// The guest pulled the reset line (i8042) or asked for a reset.
+    Reset,
+}
+
+/// The VM's side of [`VmRequest`]s.
+pub trait VmControl: Send + Sync {
+    fn request(&self, r: VmRequest);
 }
 
 /// Facts shared by all devices of one kind.

@@ -1,0 +1,1 @@
+//! ACPI tables for a machine (being written).

@@ -1,0 +1,3 @@
+//! The KVM backend: the only place that talks to /dev/kvm.
+
+pub mod acpi;
