@@ -245,17 +245,47 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
 }
 
 fn up(file: &Path) -> ExitCode {
-    match vmm::check_file(file) {
-        Ok(c) => {
-            emit(&c.warnings, Format::Human);
-            eprintln!(
-                "error: the KVM backend is not yet available; `vmm check` and `vmm graph` work"
-            );
-            ExitCode::from(EXIT_RUNTIME)
-        }
+    use vmm::backend::kvm::{self, Outcome};
+    let checked = match vmm::check_file(file) {
+        Ok(c) => c,
         Err(report) => {
             emit(&report, Format::Human);
-            ExitCode::from(EXIT_BAD_FILE)
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    emit(&checked.warnings, Format::Human);
+    let g = &checked.graph;
+    match kvm::run(g) {
+        Ok(r) => {
+            let secs = r.elapsed.as_secs_f64();
+            let (what, code) = match &r.outcome {
+                Outcome::PowerOff => ("the guest powered off".to_string(), 0),
+                Outcome::Reset => ("the guest reset the machine".to_string(), 0),
+                Outcome::TripleFault => ("the guest triple-faulted (CPU reset)".to_string(), 0),
+                Outcome::Stopped(why) => (format!("stopped by {why}"), 0),
+                Outcome::Failed(why) => (format!("failed: {why}"), EXIT_RUNTIME),
+            };
+            eprintln!("vmm: {}: {what} after {secs:.2} s", g.machine);
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            eprintln!("vmm: {}: cannot run the VM: {}", g.machine, error_chain(&e));
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// "outer: inner: innermost" for an error and its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -13,6 +13,7 @@ use vmm::devices::legacy::i8042::I8042Spec;
 use vmm::devices::legacy::serial::{ComPort, SerialSpec};
 use vmm::devices::net::NetSpec;
 use vmm::devices::rng::RngSpec;
+use vmm::spec::cpu::{CpuFeature, CpuSpec};
 use vmm::spec::source::Format;
 use vmm::spec::units::{ByteSize, DeviceName, FilePath, MacAddr, PciSlot};
 use vmm::spec::{MachineSpec, PciSpec, load_str};
@@ -53,6 +54,7 @@ prop_compose! {
     fn machine()(
         name in name(), memory in size(), vcpus in 1u32..=254, kernel in path(),
         initrd in proptest::option::of(path()), cmdline in "[ -~]{0,80}", hotplug_slots in 0u8..=31,
+        hide in proptest::collection::vec(prop_oneof![Just(CpuFeature::Avx512f), Just(CpuFeature::X2apic), Just(CpuFeature::Xsaves)], 0..3),
         serial in proptest::collection::vec((name(), port(), io()), 0..3),
         rtc in proptest::collection::vec(proptest::option::of(name()), 0..2),
         i8042 in proptest::collection::vec(proptest::option::of(name()), 0..2),
@@ -63,6 +65,7 @@ prop_compose! {
     ) -> MachineSpec {
         MachineSpec {
             name, memory, vcpus, kernel, initrd, cmdline,
+            cpu: CpuSpec { hide },
             pci: PciSpec { hotplug_slots },
             serial: serial.into_iter().map(|(name, port, io)| SerialSpec { name, port, io }).collect(),
             rtc: rtc.into_iter().map(|name| RtcSpec { name }).collect(),

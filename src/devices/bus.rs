@@ -21,7 +21,12 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     #[error("Range {base:#x}+{len:#x} overlaps {other_base:#x}+{other_len:#x}")]
-    Overlap { base: u64, len: u64, other_base: u64, other_len: u64 },
+    Overlap {
+        base: u64,
+        len: u64,
+        other_base: u64,
+        other_len: u64,
+    },
     #[error("Empty range at {0:#x}")]
     Empty(u64),
 }
@@ -46,7 +51,12 @@ impl Bus {
         // The range starting at or below `end - 1` that is closest must end at or below `base`.
         if let Some((&b, &(l, _))) = self.ranges.range(..end).next_back() {
             if b + l > base {
-                return Err(BusError::Overlap { base, len, other_base: b, other_len: l });
+                return Err(BusError::Overlap {
+                    base,
+                    len,
+                    other_base: b,
+                    other_len: l,
+                });
             }
         }
         self.ranges.insert(base, (len, dev));
@@ -120,8 +130,14 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(0x60, 1, dev.clone()).unwrap();
         bus.insert(0x64, 1, dev.clone()).unwrap();
-        assert!(matches!(bus.insert(0x5f, 2, dev.clone()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x64, 1, dev.clone()), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            bus.insert(0x5f, 2, dev.clone()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x64, 1, dev.clone()),
+            Err(BusError::Overlap { .. })
+        ));
         assert_eq!(bus.insert(0x70, 0, dev.clone()), Err(BusError::Empty(0x70)));
         assert!(bus.write(0x64, &[0xfe]));
         assert_eq!(dev.lock().unwrap().0, vec![(0x64, 0, vec![0xfe])]);

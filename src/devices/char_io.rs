@@ -55,3 +55,166 @@ impl CharIo {
         }
     }
 }
+
+// ---- The host end at run time -------------------------------------------------------------
+
+use std::io::{self, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Where a device's input goes: vmm pushes bytes from stdin or a socket client. Returns how
+/// many bytes the device took (a full FIFO takes fewer; the caller retries later).
+pub trait CharInput: Send + Sync {
+    fn push(&self, bytes: &[u8]) -> usize;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CharIoError {
+    #[error("Cannot open output file {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot listen on socket {path}: {source}")]
+    Socket {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The connected client of a socket backend, if any.
+#[derive(Default)]
+pub struct SocketPeer(Mutex<Option<UnixStream>>);
+
+/// Where a character device's output goes. Writes never stall the guest for long: a socket
+/// client that does not keep up loses output instead.
+pub enum CharOut {
+    Stdout,
+    Sink,
+    File(std::fs::File),
+    Socket(Arc<SocketPeer>),
+}
+
+impl Write for CharOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            CharOut::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(buf)?;
+                out.flush()?;
+            }
+            CharOut::Sink => {}
+            CharOut::File(f) => f.write_all(buf)?,
+            CharOut::Socket(peer) => {
+                let mut p = peer.0.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = p.as_mut() {
+                    match s.write(buf) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => *p = None, // client gone
+                    }
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A socket backend's listener; removes the socket file when dropped.
+pub struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Opens the host end of `io` (paths relative to `base`). For sockets, starts a thread that
+/// accepts one client at a time and feeds what it writes to `input`.
+pub fn open(
+    io: &CharIo,
+    base: &Path,
+    input: Arc<dyn CharInput>,
+) -> Result<(CharOut, Option<SocketGuard>), CharIoError> {
+    match io {
+        CharIo::Stdio => Ok((CharOut::Stdout, None)),
+        CharIo::None => Ok((CharOut::Sink, None)),
+        CharIo::File(p) => {
+            let path = p.resolve(base);
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| CharIoError::File {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Ok((CharOut::File(f), None))
+        }
+        CharIo::Socket(p) => {
+            let path = p.resolve(base);
+            let name = path.display().to_string();
+            // A socket file left by an earlier run is replaced; anything else is not touched.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(&path);
+            }
+            let listener = UnixListener::bind(&path).map_err(|source| CharIoError::Socket {
+                path: name.clone(),
+                source,
+            })?;
+            let peer = Arc::new(SocketPeer::default());
+            let p2 = peer.clone();
+            std::thread::Builder::new()
+                .name(format!(
+                    "sock:{}",
+                    path.file_name().and_then(|f| f.to_str()).unwrap_or("?")
+                ))
+                .spawn(move || serve_socket(listener, p2, input))
+                .map_err(|source| CharIoError::Socket { path: name, source })?;
+            Ok((CharOut::Socket(peer), Some(SocketGuard(path))))
+        }
+    }
+}
+
+fn serve_socket(listener: UnixListener, peer: Arc<SocketPeer>, input: Arc<dyn CharInput>) {
+    use std::io::Read;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let Ok(writer) = stream.try_clone() else {
+            continue;
+        };
+        let _ = writer.set_nonblocking(true);
+        *peer.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        let mut reader = stream;
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            feed(&*input, &buf[..n]);
+        }
+        *peer.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Pushes all of `bytes` into `input`, waiting while the device's buffer is full.
+pub fn feed(input: &dyn CharInput, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let n = input.push(bytes);
+        bytes = &bytes[n..];
+        if n == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}

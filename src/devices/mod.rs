@@ -11,6 +11,8 @@ pub mod char_io;
 pub mod console;
 pub mod legacy;
 pub mod net;
+pub mod pci;
+pub mod platform;
 pub mod rng;
 pub mod transport;
 
@@ -109,6 +111,29 @@ pub trait VmControl: Send + Sync {
     fn request(&self, r: VmRequest);
 }
 
+/// A device that could not be built into a VM.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceError(pub String);
+
+/// What a device gets from the VM it is built into. The KVM backend implements it; device code
+/// never sees KVM.
+pub trait Machine {
+    /// The interrupt line of an IOAPIC pin (ISA IRQs are identity-mapped; devices may share).
+    fn irq_line(&mut self, pin: u8) -> Result<std::sync::Arc<dyn Irq>, DeviceError>;
+    fn vm_control(&self) -> std::sync::Arc<dyn VmControl>;
+    /// Maps `[base, base + len)` of the I/O port bus to `dev`.
+    fn add_pio(&mut self, base: u16, len: u16, dev: bus::SharedDevice) -> Result<(), DeviceError>;
+    /// RAM below and above 4 GiB.
+    fn ram(&self) -> (u64, u64);
+    /// Opens the host end of a character device; its input (terminal, socket) goes to `input`.
+    fn open_char(
+        &mut self,
+        io: &char_io::CharIo,
+        input: std::sync::Arc<dyn char_io::CharInput>,
+    ) -> Result<char_io::CharOut, DeviceError>;
+}
+
 /// Facts shared by all devices of one kind.
 #[derive(Debug)]
 pub struct KindInfo {
@@ -160,6 +185,17 @@ pub trait DeviceSpec: std::fmt::Debug {
     fn needs(&self) -> Needs;
     /// Checks of this kind that the schema cannot express (files, host resources).
     fn check(&self, _cx: &mut DeviceCheck<'_, '_>) {}
+    /// Builds the device model into a VM at the place the graph gave it.
+    fn build(
+        &self,
+        _at: &crate::graph::Placement,
+        _m: &mut dyn Machine,
+    ) -> Result<(), DeviceError> {
+        Err(DeviceError(format!(
+            "`{}` devices are not supported by the KVM backend yet",
+            self.kind()
+        )))
+    }
     /// Settings shown by `vmm graph`, as key/value pairs. `machine` is the machine's name.
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         Vec::new()

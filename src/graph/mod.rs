@@ -115,6 +115,8 @@ pub struct PlatformPio {
 pub struct DeviceGraph {
     pub machine: String,
     pub vcpus: u32,
+    /// CPUID features hidden from the guest.
+    pub cpu_hide: Vec<crate::spec::cpu::CpuFeature>,
     pub memory: u64,
     pub regions: Vec<Region>,
     pub boot: Boot,
@@ -475,6 +477,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
     Ok(DeviceGraph {
         machine: spec.name.to_string(),
         vcpus: spec.vcpus,
+        cpu_hide: spec.cpu.hide.clone(),
         memory: mem,
         regions,
         boot: Boot {

@@ -27,6 +27,10 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
         g.machine,
         human_size(g.memory)
     )?;
+    if !g.cpu_hide.is_empty() {
+        let names: Vec<&str> = g.cpu_hide.iter().map(|f| f.name()).collect();
+        writeln!(o, "cpu: host profile without {}", names.join(", "))?;
+    }
 
     writeln!(o, "\nboot")?;
     writeln!(o, "  kernel   {}", g.boot.kernel)?;

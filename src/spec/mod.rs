@@ -3,6 +3,7 @@
 //! Loading is: text → [`source::Document`] (value + spans) → JSON Schema check (every type
 //! error at once) → serde into [`MachineSpec`]. Spec types are inert data.
 
+pub mod cpu;
 pub mod schema;
 pub mod source;
 pub mod units;
@@ -39,6 +40,9 @@ macro_rules! define_machine_spec {
             /// Kernel command line, e.g. "console=ttyS0".
             #[serde(default, skip_serializing_if = "String::is_empty")]
             pub cmdline: String,
+            /// The guest CPU: which CPUID features to hide.
+            #[serde(default, skip_serializing_if = "cpu::CpuSpec::is_default")]
+            pub cpu: cpu::CpuSpec,
             /// PCI bus 0 settings.
             #[serde(default, skip_serializing_if = "PciSpec::is_default")]
             pub pci: PciSpec,

@@ -1,3 +1,516 @@
 //! The KVM backend: the only place that talks to /dev/kvm.
+//!
+//! `run(graph)` builds the VM the device graph describes — memory, in-kernel irqchip with
+//! IOAPIC-only interrupt routing (no PIC/PIT path, see docs/architecture.md), vCPUs, ACPI
+//! tables, the kernel, the devices — runs it with the guest console on the terminal, and
+//! returns how it ended.
+//!
+//! Threads: one per vCPU (exits are handled on the vCPU's own thread, under the bus read lock
+//! and the device's mutex), one per socket backend, and the caller's thread, which waits for the
+//! outcome, signals (SIGINT, SIGTERM, SIGHUP) and terminal input. Lock order: bus, then device.
 
 pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod memory;
+pub mod vcpu;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, KvmIrqRouting, kvm_irq_routing_entry};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::terminal::{EscapeDecoder, RawMode};
+use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::char_io::{self, CharInput, CharIo, CharOut, SocketGuard};
+use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot};
+use crate::devices::platform::AcpiPm;
+use crate::devices::{DeviceError, Irq, Machine, VmControl};
+use crate::graph::DeviceGraph;
+use crate::graph::layout::{
+    ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START,
+};
+pub use vcpu::Outcome;
+use vcpu::{ExitState, VcpuShared};
+
+/// IOAPIC pins of KVM's in-kernel IOAPIC.
+const IOAPIC_PINS: u32 = 24;
+/// KVM's TSS needs three pages below 4 GiB, outside RAM and MMIO.
+const TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IRQCHIP_IOAPIC: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("Cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM lacks {0}, which vmm needs")]
+    MissingCap(&'static str),
+    #[error("The machine has {want} vCPUs; KVM allows at most {max} here")]
+    TooManyVcpus { want: u32, max: usize },
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("ACPI tables: {0}")]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("Device `{name}`: {source}")]
+    Device {
+        name: String,
+        #[source]
+        source: DeviceError,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// How a run ended, and how long it took.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+/// An interrupt line backed by an irqfd: writing the eventfd asserts the IOAPIC pin (edge).
+struct IrqFd(EventFd);
+
+impl Irq for IrqFd {
+    fn trigger(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("raising an interrupt failed: {e}");
+        }
+    }
+}
+
+/// The VM as devices see it while they are built.
+struct Builder<'a> {
+    vm: &'a VmFd,
+    pio: Bus,
+    mmio: Bus,
+    irqs: HashMap<u8, Arc<IrqFd>>,
+    exit: Arc<ExitState>,
+    base_dir: PathBuf,
+    ram: (u64, u64),
+    stdin: Option<Arc<dyn CharInput>>,
+    sockets: Vec<SocketGuard>,
+}
+
+impl Machine for Builder<'_> {
+    fn irq_line(&mut self, pin: u8) -> Result<Arc<dyn Irq>, DeviceError> {
+        if u32::from(pin) >= IOAPIC_PINS {
+            return Err(DeviceError(format!("IOAPIC pin {pin} does not exist")));
+        }
+        if let Some(l) = self.irqs.get(&pin) {
+            return Ok(l.clone());
+        }
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError(format!("eventfd: {e}")))?;
+        self.vm
+            .register_irqfd(&evt, u32::from(pin))
+            .map_err(|e| DeviceError(format!("KVM_IRQFD for pin {pin}: {e}")))?;
+        let l = Arc::new(IrqFd(evt));
+        self.irqs.insert(pin, l.clone());
+        Ok(l)
+    }
+
+    fn vm_control(&self) -> Arc<dyn VmControl> {
+        self.exit.clone()
+    }
+
+    fn add_pio(&mut self, base: u16, len: u16, dev: SharedDevice) -> Result<(), DeviceError> {
+        self.pio
+            .insert(u64::from(base), u64::from(len), dev)
+            .map_err(|e| DeviceError(e.to_string()))
+    }
+
+    fn ram(&self) -> (u64, u64) {
+        self.ram
+    }
+
+    fn open_char(
+        &mut self,
+        io: &CharIo,
+        input: Arc<dyn CharInput>,
+    ) -> Result<CharOut, DeviceError> {
+        if *io == CharIo::Stdio {
+            self.stdin = Some(input.clone());
+        }
+        let (out, guard) =
+            char_io::open(io, &self.base_dir, input).map_err(|e| DeviceError(e.to_string()))?;
+        self.sockets.extend(guard);
+        Ok(out)
+    }
+}
+
+fn gsi_routing(vm: &VmFd) -> Result<(), VmError> {
+    let mut routing =
+        KvmIrqRouting::new(IOAPIC_PINS as usize).map_err(|_| VmError::MissingCap("IRQ routing"))?;
+    for (pin, e) in routing.as_mut_slice().iter_mut().enumerate() {
+        *e = kvm_irq_routing_entry {
+            gsi: pin as u32,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
+        e.u.irqchip.pin = pin as u32;
+    }
+    vm.set_gsi_routing(&routing)
+        .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
+}
+
+/// Builds and runs the machine; returns when the VM has ended and every vCPU thread is gone.
+pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
+    let started = Instant::now();
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+        (Cap::UserMemory, "user memory (KVM_CAP_USER_MEMORY)"),
+        (Cap::IrqRouting, "IRQ routing (KVM_CAP_IRQ_ROUTING)"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if graph.vcpus as usize > max {
+        return Err(VmError::TooManyVcpus {
+            want: graph.vcpus,
+            max,
+        });
+    }
+
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    gsi_routing(&vm)?;
+
+    let mem = memory::create(graph)?;
+    memory::register(&vm, &mem)?;
+
+    let tables = acpi::build(graph, boot::ACPI_START, boot::ACPI_SIZE)?;
+    for (addr, bytes) in &tables.blobs {
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(|_| boot::BootError::Write {
+                addr: *addr,
+                what: "ACPI tables",
+            })?;
+    }
+    let entry = boot::load(&mem, graph, tables.rsdp_addr)?;
+
+    let exit = Arc::new(ExitState::new().map_err(io_err("eventfd"))?);
+    let below = graph
+        .regions
+        .iter()
+        .filter(|r| r.ram && r.start < IOAPIC_START)
+        .map(|r| r.size)
+        .sum();
+    let mut b = Builder {
+        vm: &vm,
+        pio: Bus::new(),
+        mmio: Bus::new(),
+        irqs: HashMap::new(),
+        exit: exit.clone(),
+        base_dir: graph.base_dir.clone(),
+        ram: (below, graph.memory - below),
+        stdin: None,
+        sockets: Vec::new(),
+    };
+    let root = Arc::new(Mutex::new(PciRoot::new()));
+    let platform: [(u64, u64, SharedDevice, &str); 2] = [
+        (
+            u64::from(PCI_CONFIG_PIO.0),
+            u64::from(PCI_CONFIG_PIO.1),
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            "pci-config",
+        ),
+        (
+            u64::from(ACPI_PM_PIO.0),
+            u64::from(ACPI_PM_PIO.1),
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            "acpi-pm",
+        ),
+    ];
+    for (base, len, dev, name) in platform {
+        b.pio.insert(base, len, dev).map_err(|e| VmError::Device {
+            name: name.into(),
+            source: DeviceError(e.to_string()),
+        })?;
+    }
+    b.mmio
+        .insert(
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam::new(root))),
+        )
+        .map_err(|e| VmError::Device {
+            name: "pci-ecam".into(),
+            source: DeviceError(e.to_string()),
+        })?;
+    for d in &graph.devices {
+        d.spec
+            .spec()
+            .build(&d.placement, &mut b)
+            .map_err(|source| VmError::Device {
+                name: d.name.clone(),
+                source,
+            })?;
+    }
+    let Builder {
+        pio,
+        mmio,
+        stdin,
+        sockets,
+        ..
+    } = b;
+
+    // vCPUs: CPU state for all, boot registers for the first. The others wait for INIT/SIPI.
+    let template = cpu::CpuTemplate::new(&kvm, graph.vcpus, &graph.cpu_hide)?;
+    let mut fds = Vec::new();
+    for id in 0..graph.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        template.configure(id, &fd)?;
+        if id == 0 {
+            let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            let (regs, sregs) = boot::boot_registers(&entry, sregs);
+            fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        fds.push(fd);
+    }
+
+    // Signals go to a signalfd of this thread; vCPU threads inherit the blocked mask.
+    let sigfd = SignalFd::new().map_err(io_err("signalfd"))?;
+    vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+    let shared = VcpuShared {
+        pio: Arc::new(RwLock::new(pio)),
+        mmio: Arc::new(RwLock::new(mmio)),
+        exit: exit.clone(),
+    };
+    let mut threads = Vec::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        match vcpu::spawn(id as u32, fd, shared.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                exit.finish(Outcome::Failed(format!(
+                    "cannot start vCPU thread {id}: {e}"
+                )));
+                break;
+            }
+        }
+    }
+    log::info!(
+        "{}: {} vCPUs running, set up in {:?}",
+        graph.machine,
+        threads.len(),
+        started.elapsed()
+    );
+
+    {
+        let _raw = stdin
+            .as_ref()
+            .and_then(|_| RawMode::enter(libc::STDIN_FILENO));
+        wait(&exit, &sigfd, stdin.as_deref(), _raw.is_some());
+        stop_vcpus(&exit, threads);
+    }
+    drop(sockets);
+    let outcome = exit
+        .outcome()
+        .unwrap_or(Outcome::Stopped("no outcome".into()));
+    Ok(RunReport {
+        outcome,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Kicks vCPU threads out of KVM_RUN until all have returned.
+fn stop_vcpus(exit: &ExitState, threads: Vec<std::thread::JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    exit.stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the thread is alive (not finished, not joined), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for t in threads {
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::error!("a vCPU thread did not stop within 5 s; leaving it");
+        }
+    }
+}
+
+/// Waits for the outcome while serving signals and terminal input.
+fn wait(exit: &ExitState, sigfd: &SignalFd, stdin: Option<&dyn CharInput>, tty: bool) {
+    use std::os::fd::AsRawFd;
+    let mut decoder = EscapeDecoder::default();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut stdin_open = stdin.is_some();
+    loop {
+        if exit.outcome().is_some() {
+            return;
+        }
+        if let Some(input) = stdin {
+            if !pending.is_empty() {
+                let n = input.push(&pending);
+                pending.drain(..n);
+            }
+        }
+        let mut fds = vec![
+            libc::pollfd {
+                fd: exit.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let poll_stdin = stdin_open && pending.is_empty();
+        if poll_stdin {
+            fds.push(libc::pollfd {
+                fd: libc::STDIN_FILENO,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = if pending.is_empty() { -1 } else { 10 };
+        // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if r < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            if let Some(sig) = sigfd.read() {
+                exit.finish(Outcome::Stopped(signal_name(sig).into()));
+                return;
+            }
+        }
+        if poll_stdin && fds[2].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
+            let mut buf = [0u8; 4096];
+            // SAFETY: reading into a buffer we own, of its length.
+            let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                stdin_open = false; // EOF or error: the guest just gets no more input
+                continue;
+            }
+            let bytes = &buf[..n as usize];
+            if tty {
+                let keys = decoder.feed(bytes);
+                pending.extend(keys.to_guest);
+                if keys.stop {
+                    exit.finish(Outcome::Stopped("console escape (Ctrl-A x)".into()));
+                    return;
+                }
+            } else {
+                pending.extend_from_slice(bytes);
+            }
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, blocked and read from a signalfd.
+struct SignalFd {
+    fd: i32,
+    old_mask: libc::sigset_t,
+}
+
+impl SignalFd {
+    fn new() -> std::io::Result<SignalFd> {
+        // SAFETY: sigset operations on sets we own; pthread_sigmask on the calling thread;
+        // signalfd returns a new fd we own (closed in Drop).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut old_mask: libc::sigset_t = std::mem::zeroed();
+            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(SignalFd { fd, old_mask })
+        }
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: reading one signalfd_siginfo into a struct we own.
+        unsafe {
+            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+            let n = libc::read(
+                self.fd,
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size_of::<libc::signalfd_siginfo>(),
+            );
+            (n == size_of::<libc::signalfd_siginfo>() as isize).then_some(info.ssi_signo as i32)
+        }
+    }
+}
+
+impl Drop for SignalFd {
+    fn drop(&mut self) {
+        // SAFETY: closing our fd and restoring this thread's previous mask.
+        unsafe {
+            libc::close(self.fd);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Keeps `Path` in the public API surface used by tests.
+pub fn kvm_available() -> Result<(), String> {
+    let p = Path::new("/dev/kvm");
+    match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("/dev/kvm: {e}")),
+    }
+}

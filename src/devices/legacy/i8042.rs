@@ -41,4 +41,735 @@ impl DeviceSpec for I8042Spec {
     fn needs(&self) -> Needs {
         Needs::Pio(vec![PLACEMENT])
     }
+    fn build(
+        &self,
+        at: &crate::graph::Placement,
+        m: &mut dyn crate::devices::Machine,
+    ) -> Result<(), crate::devices::DeviceError> {
+        let (ports, irqs) = match at {
+            crate::graph::Placement::Pio { ports, irqs, .. } => (ports.clone(), irqs.clone()),
+            _ => (PLACEMENT.ports.to_vec(), PLACEMENT.irqs.to_vec()),
+        };
+        let kbd = m.irq_line(irqs[0])?;
+        let aux = m.irq_line(irqs[1])?;
+        let dev: crate::devices::bus::SharedDevice =
+            std::sync::Arc::new(std::sync::Mutex::new(I8042::new(kbd, aux, m.vm_control())));
+        for (base, len) in ports {
+            m.add_pio(base, len, dev.clone())?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device model
+// ---------------------------------------------------------------------------------------------
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::devices::bus::BusDevice;
+use crate::devices::{Irq, VmControl, VmRequest};
+
+/// Data port: output buffer (read), input buffer to the keyboard or a command's argument (write).
+pub const DATA_PORT: u64 = 0x60;
+/// Status register (read) and command register (write).
+pub const COMMAND_PORT: u64 = 0x64;
+
+/// Most bytes waiting to be read; more are dropped.
+const QUEUE_LEN: usize = 16;
+
+// Status register.
+const ST_OBF: u8 = 0x01;
+const ST_SYS: u8 = 0x04;
+const ST_CMD: u8 = 0x08;
+const ST_NOT_INHIBITED: u8 = 0x10;
+const ST_AUX: u8 = 0x20;
+
+// Controller configuration byte (CTR).
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_AUX_INT: u8 = 0x02;
+const CTR_SYS: u8 = 0x04;
+const CTR_KBD_DISABLE: u8 = 0x10;
+const CTR_AUX_DISABLE: u8 = 0x20;
+const CTR_XLATE: u8 = 0x40;
+/// Interrupts on, system flag, scancode translation: about what a PC BIOS leaves behind.
+const CTR_DEFAULT: u8 = CTR_KBD_INT | CTR_AUX_INT | CTR_SYS | CTR_XLATE;
+
+// Controller commands (port 0x64).
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTPUT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT: u8 = 0xd1;
+const CMD_WRITE_KBD_OBUF: u8 = 0xd2;
+const CMD_WRITE_AUX_OBUF: u8 = 0xd3;
+const CMD_WRITE_AUX: u8 = 0xd4;
+const CMD_PULSE_FIRST: u8 = 0xf0;
+
+/// Self-test passed.
+const SELF_TEST_OK: u8 = 0x55;
+/// Interface test passed.
+const PORT_TEST_OK: u8 = 0x00;
+
+// Output port.
+/// Bit 0: the CPU reset line (low = reset).
+const OUT_NO_RESET: u8 = 0x01;
+/// Bit 1: the A20 gate.
+const OUT_A20: u8 = 0x02;
+
+// PS/2 device protocol.
+const DEV_ACK: u8 = 0xfa;
+const DEV_SELF_TEST_OK: u8 = 0xaa;
+const DEV_RESET: u8 = 0xff;
+const DEV_GET_ID: u8 = 0xf2;
+const KBD_ECHO: u8 = 0xee;
+const KBD_SET_LEDS: u8 = 0xed;
+const KBD_SET_TYPEMATIC: u8 = 0xf3;
+const KBD_SCANCODE_SET: u8 = 0xf0;
+/// MF2 keyboard.
+const KBD_ID: [u8; 2] = [0xab, 0x83];
+const AUX_SET_RESOLUTION: u8 = 0xe8;
+const AUX_STATUS_REQUEST: u8 = 0xe9;
+const AUX_SET_SAMPLE_RATE: u8 = 0xf3;
+/// Standard PS/2 mouse.
+const AUX_ID: u8 = 0x00;
+/// Stream mode, reporting disabled, scaling 1:1, no buttons; 4 counts/mm; 100 samples/s.
+const AUX_STATUS: [u8; 3] = [0x00, 0x02, 0x64];
+
+/// What the next byte written to port 0x60 is for, after a controller command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// 0x60: the new CTR.
+    Ctr,
+    /// 0xD1: the new output port.
+    OutputPort,
+    /// 0xD2: a byte to hand back as if the keyboard sent it.
+    KbdObuf,
+    /// 0xD3: a byte to hand back as if the mouse sent it.
+    AuxObuf,
+    /// 0xD4: a byte for the mouse.
+    Aux,
+}
+
+/// The i8042 PS/2 controller with a keyboard and a mouse that answer but never type or move.
+///
+/// Register it at port 0x60 (data) and port 0x64 (status/command), one port each; `base` tells
+/// them apart. Bytes for the guest wait in a queue of at most 16 (more are dropped); the head is
+/// the output buffer, and each byte that reaches it raises IRQ 1 (`kbd_irq`) or IRQ 12
+/// (`aux_irq`) as an edge if the CTR enables that interrupt (also when the CTR enables it while
+/// such a byte waits). Reading port 0x60 with nothing queued returns the last byte read.
+///
+/// Controller commands: read/write CTR (0x20/0x60), disable/enable the ports (0xA7/0xA8,
+/// 0xAD/0xAE: CTR bits only), the self-test (0xAA → 0x55, sets the system flag, which is CTR
+/// bit 2) and port tests (0xA9/0xAB → 0x00), read/write the output port (0xD0/0xD1), write the
+/// keyboard/mouse output buffer (0xD2/0xD3, which Linux uses as an AUX loopback test), write to
+/// the mouse (0xD4) and pulse the output lines (0xF0–0xFF). The CPU reset line, pulsed (0xFE)
+/// or cleared in the output port, asks the VM to reset ([`VmRequest::Reset`]) and puts the
+/// controller back to its power-on state. Other commands are ignored; a command cancels one
+/// still waiting for its data byte.
+///
+/// The keyboard acknowledges every byte (0xFA) and answers reset (0xAA), identify (0xAB 0x83)
+/// and echo; the mouse acknowledges every byte and answers reset (0xAA 0x00), identify (0x00)
+/// and status request (0x00 0x02 0x64). Argument bytes of commands that take one are only
+/// acknowledged.
+///
+/// Not emulated: key presses and mouse movement, scancode translation, the A20 gate (always
+/// on; output port bit 1 always reads 1), controller RAM beyond the CTR, keyboard/mouse settings
+/// (LEDs, rates, scancode sets, resolution, wrap mode), the resend protocol, and inhibiting a
+/// port in the CTR (bytes still arrive). Accesses wider than a byte use the first byte; the rest
+/// reads 0xff.
+pub struct I8042 {
+    kbd_irq: Arc<dyn Irq>,
+    aux_irq: Arc<dyn Irq>,
+    vm: Arc<dyn VmControl>,
+    ctr: u8,
+    output_port: u8,
+    /// Bytes for the guest and whether they came from the aux port; the head is the output
+    /// buffer.
+    queue: VecDeque<(u8, bool)>,
+    /// The byte port 0x60 returns when the queue is empty.
+    last_read: u8,
+    /// Whether the last write was to the command port (status bit 3).
+    last_write_command: bool,
+    pending: Option<Pending>,
+    /// The keyboard waits for a command's argument byte.
+    kbd_wants_arg: bool,
+    /// The mouse waits for a command's argument byte.
+    aux_wants_arg: bool,
+}
+
+impl I8042 {
+    /// A controller raising `kbd_irq` (IRQ 1) and `aux_irq` (IRQ 12), and sending reset
+    /// requests to `vm`.
+    pub fn new(kbd_irq: Arc<dyn Irq>, aux_irq: Arc<dyn Irq>, vm: Arc<dyn VmControl>) -> I8042 {
+        I8042 {
+            kbd_irq,
+            aux_irq,
+            vm,
+            ctr: CTR_DEFAULT,
+            output_port: OUT_NO_RESET | OUT_A20,
+            queue: VecDeque::with_capacity(QUEUE_LEN),
+            last_read: 0,
+            last_write_command: false,
+            pending: None,
+            kbd_wants_arg: false,
+            aux_wants_arg: false,
+        }
+    }
+
+    /// Back to the power-on state (the interrupts and the VM stay).
+    fn power_on(&mut self) {
+        self.ctr = CTR_DEFAULT;
+        self.output_port = OUT_NO_RESET | OUT_A20;
+        self.queue.clear();
+        self.last_read = 0;
+        self.last_write_command = false;
+        self.pending = None;
+        self.kbd_wants_arg = false;
+        self.aux_wants_arg = false;
+    }
+
+    fn reset_vm(&mut self) {
+        self.vm.request(VmRequest::Reset);
+        self.power_on();
+    }
+
+    fn status(&self) -> u8 {
+        let mut status = ST_NOT_INHIBITED;
+        if self.ctr & CTR_SYS != 0 {
+            status |= ST_SYS;
+        }
+        if let Some(&(_, aux)) = self.queue.front() {
+            status |= ST_OBF;
+            if aux {
+                status |= ST_AUX;
+            }
+        }
+        if self.last_write_command {
+            status |= ST_CMD;
+        }
+        status
+    }
+
+    /// Whether `ctr` enables the interrupt for a byte from the aux (or keyboard) port.
+    fn int_enabled(ctr: u8, aux: bool) -> bool {
+        let bit = if aux { CTR_AUX_INT } else { CTR_KBD_INT };
+        ctr & bit != 0
+    }
+
+    /// Raises the interrupt for the byte in the output buffer, if there is one and it is enabled.
+    fn notify(&self) {
+        if let Some(&(_, aux)) = self.queue.front()
+            && Self::int_enabled(self.ctr, aux)
+        {
+            if aux {
+                self.aux_irq.trigger();
+            } else {
+                self.kbd_irq.trigger();
+            }
+        }
+    }
+
+    fn push(&mut self, byte: u8, aux: bool) {
+        if self.queue.len() >= QUEUE_LEN {
+            return;
+        }
+        self.queue.push_back((byte, aux));
+        if self.queue.len() == 1 {
+            self.notify();
+        }
+    }
+
+    fn push_kbd(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.push(b, false);
+        }
+    }
+
+    fn push_aux(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.push(b, true);
+        }
+    }
+
+    fn read_data(&mut self) -> u8 {
+        if let Some((byte, _)) = self.queue.pop_front() {
+            self.last_read = byte;
+            self.notify();
+        }
+        self.last_read
+    }
+
+    fn write_ctr(&mut self, ctr: u8) {
+        let old = self.ctr;
+        self.ctr = ctr;
+        if let Some(&(_, aux)) = self.queue.front()
+            && !Self::int_enabled(old, aux)
+            && Self::int_enabled(ctr, aux)
+        {
+            self.notify();
+        }
+    }
+
+    fn write_command(&mut self, cmd: u8) {
+        self.pending = None;
+        match cmd {
+            CMD_READ_CTR => self.push_kbd(&[self.ctr]),
+            CMD_WRITE_CTR => self.pending = Some(Pending::Ctr),
+            CMD_AUX_DISABLE => self.write_ctr(self.ctr | CTR_AUX_DISABLE),
+            CMD_AUX_ENABLE => self.write_ctr(self.ctr & !CTR_AUX_DISABLE),
+            CMD_AUX_TEST | CMD_KBD_TEST => self.push_kbd(&[PORT_TEST_OK]),
+            CMD_SELF_TEST => {
+                self.write_ctr(self.ctr | CTR_SYS);
+                self.push_kbd(&[SELF_TEST_OK]);
+            }
+            CMD_KBD_DISABLE => self.write_ctr(self.ctr | CTR_KBD_DISABLE),
+            CMD_KBD_ENABLE => self.write_ctr(self.ctr & !CTR_KBD_DISABLE),
+            CMD_READ_OUTPUT => self.push_kbd(&[self.output_port | OUT_NO_RESET | OUT_A20]),
+            CMD_WRITE_OUTPUT => self.pending = Some(Pending::OutputPort),
+            CMD_WRITE_KBD_OBUF => self.pending = Some(Pending::KbdObuf),
+            CMD_WRITE_AUX_OBUF => self.pending = Some(Pending::AuxObuf),
+            CMD_WRITE_AUX => self.pending = Some(Pending::Aux),
+            // Pulse the output lines whose bits are 0; bit 0 is the reset line.
+            CMD_PULSE_FIRST..=0xff if cmd & OUT_NO_RESET == 0 => self.reset_vm(),
+            _ => {}
+        }
+    }
+
+    fn write_data(&mut self, byte: u8) {
+        match self.pending.take() {
+            Some(Pending::Ctr) => self.write_ctr(byte),
+            Some(Pending::OutputPort) => {
+                self.output_port = byte;
+                if byte & OUT_NO_RESET == 0 {
+                    self.reset_vm();
+                }
+            }
+            Some(Pending::KbdObuf) => self.push_kbd(&[byte]),
+            Some(Pending::AuxObuf) => self.push_aux(&[byte]),
+            Some(Pending::Aux) => self.write_aux(byte),
+            None => self.write_kbd(byte),
+        }
+    }
+
+    /// A byte for the keyboard.
+    fn write_kbd(&mut self, byte: u8) {
+        if std::mem::take(&mut self.kbd_wants_arg) {
+            self.push_kbd(&[DEV_ACK]);
+            return;
+        }
+        match byte {
+            DEV_RESET => self.push_kbd(&[DEV_ACK, DEV_SELF_TEST_OK]),
+            DEV_GET_ID => self.push_kbd(&[DEV_ACK, KBD_ID[0], KBD_ID[1]]),
+            KBD_ECHO => self.push_kbd(&[KBD_ECHO]),
+            KBD_SET_LEDS | KBD_SET_TYPEMATIC | KBD_SCANCODE_SET => {
+                self.kbd_wants_arg = true;
+                self.push_kbd(&[DEV_ACK]);
+            }
+            _ => self.push_kbd(&[DEV_ACK]),
+        }
+    }
+
+    /// A byte for the mouse.
+    fn write_aux(&mut self, byte: u8) {
+        if std::mem::take(&mut self.aux_wants_arg) {
+            self.push_aux(&[DEV_ACK]);
+            return;
+        }
+        match byte {
+            DEV_RESET => self.push_aux(&[DEV_ACK, DEV_SELF_TEST_OK, AUX_ID]),
+            DEV_GET_ID => self.push_aux(&[DEV_ACK, AUX_ID]),
+            AUX_STATUS_REQUEST => {
+                self.push_aux(&[DEV_ACK]);
+                self.push_aux(&AUX_STATUS);
+            }
+            AUX_SET_RESOLUTION | AUX_SET_SAMPLE_RATE => {
+                self.aux_wants_arg = true;
+                self.push_aux(&[DEV_ACK]);
+            }
+            _ => self.push_aux(&[DEV_ACK]),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        let Some((first, rest)) = data.split_first_mut() else {
+            return;
+        };
+        rest.fill(0xff);
+        *first = match (base, offset) {
+            (DATA_PORT, 0) => self.read_data(),
+            (COMMAND_PORT, 0) => self.status(),
+            _ => 0xff,
+        };
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        let Some(&byte) = data.first() else {
+            return;
+        };
+        match (base, offset) {
+            (DATA_PORT, 0) => {
+                self.last_write_command = false;
+                self.write_data(byte);
+            }
+            (COMMAND_PORT, 0) => {
+                self.last_write_command = true;
+                self.write_command(byte);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct CountingIrq(AtomicUsize);
+
+    impl Irq for CountingIrq {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Default)]
+    struct RecordingVm(Mutex<Vec<VmRequest>>);
+
+    impl VmControl for RecordingVm {
+        fn request(&self, r: VmRequest) {
+            self.0.lock().unwrap().push(r);
+        }
+    }
+
+    struct Fixture {
+        dev: I8042,
+        kbd: Arc<CountingIrq>,
+        aux: Arc<CountingIrq>,
+        vm: Arc<RecordingVm>,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let kbd = Arc::new(CountingIrq::default());
+            let aux = Arc::new(CountingIrq::default());
+            let vm = Arc::new(RecordingVm::default());
+            let dev = I8042::new(kbd.clone(), aux.clone(), vm.clone());
+            Fixture { dev, kbd, aux, vm }
+        }
+        fn cmd(&mut self, c: u8) {
+            self.dev.write(COMMAND_PORT, 0, &[c]);
+        }
+        fn data(&mut self, d: u8) {
+            self.dev.write(DATA_PORT, 0, &[d]);
+        }
+        fn status(&mut self) -> u8 {
+            let mut b = [0u8];
+            self.dev.read(COMMAND_PORT, 0, &mut b);
+            b[0]
+        }
+        fn read(&mut self) -> u8 {
+            let mut b = [0u8];
+            self.dev.read(DATA_PORT, 0, &mut b);
+            b[0]
+        }
+        /// Reads while OBF is set, as Linux's i8042_flush does: (byte, from aux).
+        fn drain(&mut self) -> Vec<(u8, bool)> {
+            let mut out = Vec::new();
+            for _ in 0..100 {
+                let st = self.status();
+                if st & ST_OBF == 0 {
+                    break;
+                }
+                out.push((self.read(), st & ST_AUX != 0));
+            }
+            out
+        }
+        /// A command that answers with one byte.
+        fn query(&mut self, c: u8) -> u8 {
+            self.cmd(c);
+            assert_ne!(self.status() & ST_OBF, 0, "command {c:#x} answered nothing");
+            self.read()
+        }
+        fn kbd_irqs(&self) -> usize {
+            self.kbd.0.load(Ordering::SeqCst)
+        }
+        fn aux_irqs(&self) -> usize {
+            self.aux.0.load(Ordering::SeqCst)
+        }
+        fn resets(&self) -> usize {
+            self.vm.0.lock().unwrap().len()
+        }
+    }
+
+    fn kbd(bytes: &[u8]) -> Vec<(u8, bool)> {
+        bytes.iter().map(|&b| (b, false)).collect()
+    }
+
+    fn aux(bytes: &[u8]) -> Vec<(u8, bool)> {
+        bytes.iter().map(|&b| (b, true)).collect()
+    }
+
+    #[test]
+    fn linux_probe_sequence() {
+        let mut f = Fixture::new();
+        // Leftovers from firmware, then the flush.
+        f.cmd(CMD_WRITE_KBD_OBUF);
+        f.data(0x1c);
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(0x08);
+        assert_eq!(f.drain(), vec![(0x1c, false), (0x08, true)]);
+        assert_eq!(f.status() & ST_OBF, 0);
+        // Self-test.
+        assert_eq!(f.query(CMD_SELF_TEST), 0x55);
+        assert_ne!(f.status() & ST_SYS, 0);
+        // Read the CTR, turn interrupts off, write it back.
+        let ctr = f.query(CMD_READ_CTR);
+        assert_eq!(ctr, CTR_DEFAULT);
+        let new = (ctr & !(CTR_KBD_INT | CTR_AUX_INT)) | CTR_KBD_DISABLE;
+        f.cmd(CMD_WRITE_CTR);
+        f.data(new);
+        assert_eq!(f.query(CMD_READ_CTR), new);
+        // AUX: loopback, disable/enable reflected in the CTR, port tests.
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(0x5a);
+        assert_eq!(f.drain(), aux(&[0x5a]));
+        f.cmd(CMD_AUX_DISABLE);
+        assert_ne!(f.query(CMD_READ_CTR) & CTR_AUX_DISABLE, 0);
+        f.cmd(CMD_AUX_ENABLE);
+        assert_eq!(f.query(CMD_READ_CTR) & CTR_AUX_DISABLE, 0);
+        assert_eq!(f.query(CMD_AUX_TEST), 0x00);
+        assert_eq!(f.query(CMD_KBD_TEST), 0x00);
+        f.cmd(CMD_KBD_ENABLE);
+        assert_eq!(f.query(CMD_READ_CTR) & CTR_KBD_DISABLE, 0);
+        f.cmd(CMD_KBD_DISABLE);
+        assert_ne!(f.query(CMD_READ_CTR) & CTR_KBD_DISABLE, 0);
+        assert_eq!(f.drain(), vec![]);
+        assert_eq!(f.resets(), 0);
+    }
+
+    #[test]
+    fn ctr_round_trip() {
+        let mut f = Fixture::new();
+        for v in 0..=255u8 {
+            f.cmd(CMD_WRITE_CTR);
+            f.data(v);
+            assert_eq!(f.query(CMD_READ_CTR), v);
+            assert_eq!(f.status() & ST_SYS, v & CTR_SYS);
+        }
+        // A command cancels one waiting for its data: this byte goes to the keyboard.
+        f.cmd(CMD_WRITE_CTR);
+        f.cmd(CMD_KBD_ENABLE);
+        f.data(0x00);
+        assert_eq!(f.drain(), kbd(&[DEV_ACK]));
+        assert_eq!(f.query(CMD_READ_CTR), !CTR_KBD_DISABLE);
+    }
+
+    #[test]
+    fn interrupts_follow_ctr() {
+        let mut f = Fixture::new();
+        f.cmd(CMD_WRITE_CTR);
+        f.data(0);
+        f.cmd(CMD_WRITE_KBD_OBUF);
+        f.data(1);
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(2);
+        assert_eq!(f.drain().len(), 2);
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (0, 0));
+
+        // Keyboard interrupt only.
+        f.cmd(CMD_WRITE_CTR);
+        f.data(CTR_KBD_INT);
+        f.cmd(CMD_WRITE_KBD_OBUF);
+        f.data(1);
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (1, 0));
+        f.read();
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(2);
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (1, 0));
+        f.read();
+
+        // Aux interrupt only.
+        f.cmd(CMD_WRITE_CTR);
+        f.data(CTR_AUX_INT);
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(2);
+        f.data(0xf4); // keyboard ACK queued behind it: no interrupt
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (1, 1));
+        assert_eq!(f.drain(), vec![(2, true), (DEV_ACK, false)]);
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (1, 1));
+
+        // Both: every byte reaching the output buffer raises its interrupt.
+        f.cmd(CMD_WRITE_CTR);
+        f.data(CTR_KBD_INT | CTR_AUX_INT);
+        f.data(DEV_RESET); // FA AA
+        f.cmd(CMD_WRITE_AUX);
+        f.data(DEV_GET_ID); // FA 00
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (2, 1));
+        assert_eq!(
+            f.drain(),
+            [kbd(&[DEV_ACK, 0xaa]), aux(&[DEV_ACK, 0x00])].concat()
+        );
+        assert_eq!((f.kbd_irqs(), f.aux_irqs()), (3, 3));
+
+        // Enabling the interrupt while a byte waits raises it.
+        f.cmd(CMD_WRITE_CTR);
+        f.data(0);
+        f.data(0xf4);
+        assert_eq!(f.kbd_irqs(), 3);
+        f.cmd(CMD_WRITE_CTR);
+        f.data(CTR_KBD_INT);
+        assert_eq!(f.kbd_irqs(), 4);
+        assert_eq!(f.drain(), kbd(&[DEV_ACK]));
+    }
+
+    #[test]
+    fn pulse_reset_line() {
+        let mut f = Fixture::new();
+        f.cmd(0xff); // pulses nothing
+        assert_eq!(f.resets(), 0);
+        f.cmd(0xfe);
+        assert_eq!(*f.vm.0.lock().unwrap(), vec![VmRequest::Reset]);
+        // The controller is back at power-on.
+        assert_eq!(f.query(CMD_READ_CTR), CTR_DEFAULT);
+        assert_eq!(f.resets(), 1);
+    }
+
+    #[test]
+    fn output_port_reset_line() {
+        let mut f = Fixture::new();
+        assert_eq!(f.query(CMD_READ_OUTPUT) & 0x03, 0x03);
+        f.cmd(CMD_WRITE_OUTPUT);
+        f.data(0x03);
+        assert_eq!(f.resets(), 0);
+        f.cmd(CMD_WRITE_OUTPUT);
+        f.data(0x01); // A20 off: ignored
+        assert_eq!(f.query(CMD_READ_OUTPUT) & 0x03, 0x03);
+        assert_eq!(f.resets(), 0);
+        f.cmd(CMD_WRITE_OUTPUT);
+        f.data(0xfe);
+        assert_eq!(*f.vm.0.lock().unwrap(), vec![VmRequest::Reset]);
+    }
+
+    #[test]
+    fn keyboard_answers() {
+        let mut f = Fixture::new();
+        f.data(DEV_RESET);
+        assert_eq!(f.drain(), kbd(&[0xfa, 0xaa]));
+        f.data(DEV_GET_ID);
+        assert_eq!(f.drain(), kbd(&[0xfa, 0xab, 0x83]));
+        f.data(KBD_ECHO);
+        assert_eq!(f.drain(), kbd(&[0xee]));
+        // Commands with an argument: both bytes ACKed, even an argument that looks like reset.
+        for (c, arg) in [
+            (KBD_SET_LEDS, 0x07),
+            (KBD_SET_TYPEMATIC, 0xff),
+            (KBD_SCANCODE_SET, 2),
+        ] {
+            f.data(c);
+            f.data(arg);
+            assert_eq!(f.drain(), kbd(&[0xfa, 0xfa]));
+        }
+        f.data(0xf4);
+        assert_eq!(f.drain(), kbd(&[0xfa]));
+    }
+
+    #[test]
+    fn mouse_answers() {
+        let mut f = Fixture::new();
+        let mut to_aux = |b: u8| {
+            f.cmd(CMD_WRITE_AUX);
+            f.data(b);
+            f.drain()
+        };
+        assert_eq!(to_aux(DEV_RESET), aux(&[0xfa, 0xaa, 0x00]));
+        assert_eq!(to_aux(DEV_GET_ID), aux(&[0xfa, 0x00]));
+        assert_eq!(to_aux(AUX_STATUS_REQUEST), aux(&[0xfa, 0x00, 0x02, 0x64]));
+        assert_eq!(to_aux(AUX_SET_SAMPLE_RATE), aux(&[0xfa]));
+        assert_eq!(to_aux(DEV_GET_ID), aux(&[0xfa])); // an argument, not identify
+        assert_eq!(to_aux(0xf4), aux(&[0xfa]));
+    }
+
+    #[test]
+    fn status_bits() {
+        let mut f = Fixture::new();
+        assert_eq!(f.status(), ST_SYS | ST_NOT_INHIBITED);
+        f.cmd(CMD_KBD_ENABLE);
+        assert_eq!(f.status(), ST_SYS | ST_NOT_INHIBITED | ST_CMD);
+        f.cmd(CMD_WRITE_AUX_OBUF);
+        f.data(0x42);
+        assert_eq!(f.status(), ST_SYS | ST_NOT_INHIBITED | ST_OBF | ST_AUX);
+        f.cmd(CMD_WRITE_KBD_OBUF);
+        assert_eq!(
+            f.status(),
+            ST_SYS | ST_NOT_INHIBITED | ST_OBF | ST_AUX | ST_CMD
+        );
+        f.data(0x43);
+        assert_eq!(f.read(), 0x42);
+        assert_eq!(f.status(), ST_SYS | ST_NOT_INHIBITED | ST_OBF);
+        assert_eq!(f.read(), 0x43);
+        assert_eq!(f.status() & (ST_OBF | ST_AUX), 0);
+        // An empty output buffer reads as the last byte.
+        assert_eq!(f.read(), 0x43);
+        assert_eq!(f.read(), 0x43);
+    }
+
+    #[test]
+    fn queue_is_bounded() {
+        let mut f = Fixture::new();
+        for _ in 0..1000 {
+            f.data(DEV_GET_ID);
+        }
+        assert_eq!(f.dev.queue.len(), QUEUE_LEN);
+        for i in 0..1000 {
+            f.cmd(CMD_WRITE_AUX_OBUF);
+            f.data(i as u8);
+        }
+        assert_eq!(f.dev.queue.len(), QUEUE_LEN);
+        assert_eq!(f.drain().len(), QUEUE_LEN);
+        assert_eq!(f.status() & ST_OBF, 0);
+    }
+
+    #[test]
+    fn hostile_sweep_does_not_panic() {
+        let mut f = Fixture::new();
+        for first in 0..=255u8 {
+            for second in 0..=255u8 {
+                f.cmd(first);
+                f.data(second);
+                f.data(second);
+                if second % 64 == 0 {
+                    f.drain();
+                }
+            }
+            for port in [DATA_PORT, COMMAND_PORT, 0x61, 0x65, 0] {
+                for size in [0usize, 1, 2, 4, 8] {
+                    for offset in [0, 1, 7, u64::MAX] {
+                        let mut buf = [0u8; 8];
+                        f.dev.write(port, offset, &[first; 8][..size]);
+                        f.dev.read(port, offset, &mut buf[..size]);
+                        if size > 1 {
+                            assert!(buf[1..size].iter().all(|&b| b == 0xff));
+                        }
+                    }
+                }
+            }
+            assert!(f.dev.queue.len() <= QUEUE_LEN);
+        }
+        // The sweep pulled the reset line (0xF0–0xFE with bit 0 clear, 0xD1 with bit 0 clear).
+        assert!(f.resets() > 0);
+    }
 }

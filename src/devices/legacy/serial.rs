@@ -7,7 +7,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::char_io::CharIo;
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement};
+use crate::devices::{
+    DeviceError, DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement,
+};
 use crate::spec::units::DeviceName;
 use crate::validate::DeviceCheck;
 
@@ -86,5 +88,132 @@ impl DeviceSpec for SerialSpec {
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         vec![("io", self.io.describe())]
+    }
+    fn build(
+        &self,
+        at: &crate::graph::Placement,
+        m: &mut dyn crate::devices::Machine,
+    ) -> Result<(), DeviceError> {
+        let crate::graph::Placement::Pio { ports, irqs, .. } = at else {
+            return Err(DeviceError(format!(
+                "serial `{}` needs a legacy I/O port placement",
+                self.name
+            )));
+        };
+        let irq = m.irq_line(irqs[0])?;
+        let (port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
+        let out = m.open_char(&self.io, Arc::new(input))?;
+        *port
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writer_mut() = out;
+        m.add_pio(ports[0].0, ports[0].1, Arc::new(Mutex::new(port)))
+    }
+}
+
+// ---- The device model -----------------------------------------------------------------------
+
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+
+use crate::devices::Irq;
+use crate::devices::bus::BusDevice;
+use crate::devices::char_io::{CharInput, CharOut};
+
+/// Raises the UART's interrupt line.
+pub struct IrqTrigger(pub Arc<dyn Irq>);
+
+impl Trigger for IrqTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.trigger();
+        Ok(())
+    }
+}
+
+type Uart = Serial<IrqTrigger, NoEvents, CharOut>;
+
+/// A 16550A UART (vm-superio's model) on the I/O port bus.
+pub struct SerialPort(Arc<Mutex<Uart>>);
+
+/// The input side of a [`SerialPort`], for stdin or a socket client.
+pub struct SerialInput(Arc<Mutex<Uart>>);
+
+impl SerialPort {
+    pub fn new(irq: Arc<dyn Irq>, out: CharOut) -> (SerialPort, SerialInput) {
+        let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
+        (SerialPort(uart.clone()), SerialInput(uart))
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if offset < 8 {
+            data[0] = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset < 8 {
+            // Output errors (a closed stdout) lose output, never the VM.
+            let _ = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset as u8, data[0]);
+        }
+    }
+}
+
+impl CharInput for SerialInput {
+    fn push(&self, bytes: &[u8]) -> usize {
+        let mut uart = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = uart.fifo_capacity();
+        let n = bytes.len().min(room);
+        if n == 0 {
+            return 0;
+        }
+        uart.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl Irq for Count {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn input_is_bounded_by_the_fifo_and_raises_the_irq() {
+        let irq = Arc::new(Count::default());
+        let (mut port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
+        port.write(0x3f8, 1, &[0x01]); // IER: received data available interrupt
+        let took = input.push(&[b'x'; 1000]);
+        assert!(took > 0 && took < 1000, "took {took}");
+        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        let mut b = [0u8; 1];
+        port.read(0x3f8, 0, &mut b);
+        assert_eq!(b[0], b'x');
+        // Hostile widths and offsets.
+        let mut w = [0u8; 8];
+        for off in 0..16 {
+            port.read(0x3f8, off, &mut w);
+            port.write(0x3f8, off, &w);
+        }
     }
 }
