@@ -4,7 +4,7 @@
 # Needs root for apt-get; without root it only reports what is missing.
 set -euo pipefail
 debs=(linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils patch
-      busybox-static)
+      busybox-static acpica-tools)
 missing=()
 for p in "${debs[@]}"; do
   [[ $(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null) == installed ]] || missing+=("$p")

@@ -109,12 +109,24 @@ impl Write for CharOut {
             CharOut::Sink => {}
             CharOut::File(f) => f.write_all(buf)?,
             CharOut::Socket(peer) => {
+                use std::os::fd::AsRawFd;
                 let mut p = peer.0.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(s) = p.as_mut() {
-                    match s.write(buf) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => *p = None, // client gone
+                if let Some(s) = p.as_ref() {
+                    // SAFETY: send(2) on a socket we own, from a buffer of its length. Never
+                    // blocks (a slow client loses output) and never raises SIGPIPE.
+                    let n = unsafe {
+                        libc::send(
+                            s.as_raw_fd(),
+                            buf.as_ptr().cast(),
+                            buf.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
+                    if n < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            *p = None; // client gone
+                        }
                     }
                 }
             }
@@ -193,7 +205,6 @@ fn serve_socket(listener: UnixListener, peer: Arc<SocketPeer>, input: Arc<dyn Ch
         let Ok(writer) = stream.try_clone() else {
             continue;
         };
-        let _ = writer.set_nonblocking(true);
         *peer.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
         let mut reader = stream;
         let mut buf = [0u8; 256];

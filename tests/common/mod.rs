@@ -83,3 +83,4 @@ pub fn guest_artifacts() -> PathBuf {
     }
     dir
 }
+pub mod vm;

@@ -1,1 +1,755 @@
-//! ACPI tables for a machine (being written).
+//! ACPI tables for a machine: what the guest's ACPI code (stock Linux) reads to find the CPUs,
+//! interrupt controllers, PCI host bridge, legacy devices and how to power off.
+//!
+//! The machine is hardware-reduced ACPI (no PM1 blocks, no GPEs, no FACS, no SMI): sleep control
+//! and status are two byte registers at [`layout::ACPI_PM_PIO`]. Interrupts go through the IOAPIC,
+//! the LAPICs and MSI only, so the MADT does not claim dual 8259s (see ENVIRONMENT.md on PVM).
+//!
+//! ```text
+//! base ─ RSDP ─▶ XSDT ─┬▶ FACP (FADT) ─▶ DSDT (AML: \_SB_.PCI0, legacy devices, \_S5_)
+//!                      ├▶ APIC (MADT: LAPIC per vCPU, IOAPIC, LAPIC NMI)
+//!                      └▶ MCFG (ECAM of bus 0)
+//! ```
+//!
+//! The tables depend only on the graph, so the same machine always gets the same bytes.
+
+use acpi_tables::Aml;
+use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
+};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+
+use crate::devices::DeviceKind;
+use crate::graph::layout;
+use crate::graph::{DeviceGraph, DeviceNode, Placement};
+
+/// ACPI tables laid out for guest memory.
+pub struct AcpiTables {
+    /// Guest physical address of the RSDP.
+    pub rsdp_addr: u64,
+    /// (guest physical address, bytes) of every table, RSDP included.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+/// Why a graph's tables cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error(
+        "the ACPI tables need {need:#x} bytes at {base:#x}, but only {size:#x} bytes are reserved"
+    )]
+    DoesNotFit { base: u64, size: u64, need: u64 },
+    #[error("the RSDP must be 16-byte aligned, but the ACPI area starts at {0:#x}")]
+    Misaligned(u64),
+    #[error("{0} vCPUs cannot be described with xAPIC entries in the MADT (1 to 254 can)")]
+    Vcpus(u32),
+    #[error("no ACPI description for device `{device}`: {reason}")]
+    Device { device: String, reason: String },
+}
+
+const OEM_ID: [u8; 6] = *b"VMMVMM";
+const OEM_TABLE_ID: [u8; 8] = *b"VMM     ";
+const OEM_REVISION: u32 = 1;
+const CREATOR_ID: [u8; 4] = *b"VMM ";
+const CREATOR_REVISION: u32 = 1;
+/// FADT 6.x "hypervisor vendor identity" (8 bytes).
+const HYPERVISOR_ID: [u8; 8] = *b"VMMVMM\0\0";
+
+/// Length of the standard table header (signature … creator revision).
+const HEADER_LEN: usize = 36;
+/// MADT revision of ACPI 6.3+ (the crate writes 1).
+const MADT_REVISION: u8 = 5;
+/// MADT flags: bit 0 (PCAT_COMPAT, dual 8259s) stays clear on purpose: there is no PIC path.
+const MADT_FLAGS: u32 = 0;
+/// DSDT revision 2: AML integers are 64-bit.
+const DSDT_REVISION: u8 = 2;
+
+/// IAPC_BOOT_ARCH bits (ACPI 6.5 table 5.11).
+const BOOT_ARCH_8042: u16 = 1 << 1;
+const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const BOOT_ARCH_NO_CMOS_RTC: u16 = 1 << 5;
+
+/// Local APIC NMI structure (MADT type 4): all processors (UID 0xff), flags 0 (conforms to the
+/// bus), LINT1.
+const LAPIC_NMI: [u8; 6] = [4, 6, 0xff, 0, 0, 1];
+
+// Fixed addresses the 32-bit fields below hold: checked at compile time, so the casts are exact.
+const _: () = assert!(layout::LAPIC_START <= u32::MAX as u64);
+const _: () = assert!(layout::IOAPIC_START <= u32::MAX as u64);
+const _: () = assert!(layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1 <= u32::MAX as u64);
+const _: () = assert!(layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE - 1 <= u32::MAX as u64);
+const _: () = assert!(layout::PCI_CONFIG_PIO.1 > 0 && layout::PCI_CONFIG_PIO.1 <= u8::MAX as u16);
+const _: () = assert!(layout::PCI_CONFIG_PIO.0 > 0);
+const _: () = assert!(layout::ACPI_PM_PIO.1 >= 2);
+const LAPIC_ADDR: u32 = layout::LAPIC_START as u32;
+const IOAPIC_ADDR: u32 = layout::IOAPIC_START as u32;
+const PCI_MMIO_FIRST: u32 = layout::PCI_MMIO_START as u32;
+const PCI_MMIO_LAST: u32 = (layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1) as u32;
+const ECAM_ADDR: u32 = layout::PCI_ECAM_START as u32;
+const ECAM_LEN: u32 = layout::PCI_ECAM_SIZE as u32;
+/// The PCI I/O windows: all ports but the configuration mechanism's.
+const PCI_CONFIG_FIRST: u16 = layout::PCI_CONFIG_PIO.0;
+const PCI_CONFIG_END: u16 = layout::PCI_CONFIG_PIO.0 + layout::PCI_CONFIG_PIO.1;
+
+/// Lays the tables out in [base, base + size) of guest memory.
+pub fn build(graph: &DeviceGraph, base: u64, size: u64) -> Result<AcpiTables, AcpiError> {
+    if !base.is_multiple_of(16) {
+        return Err(AcpiError::Misaligned(base));
+    }
+    // Tables whose contents do not depend on where they go.
+    let dsdt = dsdt(graph)?;
+    let madt = madt(graph)?;
+    let mcfg = mcfg();
+    // XSDT: header + 3 entries; FADT: fixed size. Built once their addresses are known.
+    let xsdt_len = HEADER_LEN + 3 * 8;
+    let fadt_len = acpi_tables::fadt::FADT::len();
+
+    let mut next = base;
+    let mut place = |len: usize, align: u64| -> Result<u64, AcpiError> {
+        // Past the end of the address space: fits in no size.
+        let too_big = || AcpiError::DoesNotFit {
+            base,
+            size,
+            need: u64::MAX,
+        };
+        let at = next.checked_next_multiple_of(align).ok_or_else(too_big)?;
+        next = at.checked_add(len as u64).ok_or_else(too_big)?;
+        Ok(at)
+    };
+    let rsdp_addr = place(Rsdp::len(), 16)?;
+    let xsdt_addr = place(xsdt_len, 8)?;
+    let fadt_addr = place(fadt_len, 8)?;
+    let madt_addr = place(madt.len(), 8)?;
+    let mcfg_addr = place(mcfg.len(), 8)?;
+    let dsdt_addr = place(dsdt.len(), 8)?;
+    let need = next - base;
+    if need > size {
+        return Err(AcpiError::DoesNotFit { base, size, need });
+    }
+
+    let fadt = fadt(graph, dsdt_addr);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for addr in [fadt_addr, madt_addr, mcfg_addr] {
+        xsdt.add_entry(addr);
+    }
+    let xsdt = seal(xsdt.to_bytes());
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr).to_bytes();
+
+    Ok(AcpiTables {
+        rsdp_addr,
+        blobs: vec![
+            (rsdp_addr, rsdp),
+            (xsdt_addr, xsdt),
+            (fadt_addr, fadt),
+            (madt_addr, madt),
+            (mcfg_addr, mcfg),
+            (dsdt_addr, dsdt),
+        ],
+    })
+}
+
+/// Serializes an AML object or a table of the crate.
+trait ToBytes {
+    fn to_bytes(&self) -> Vec<u8>;
+}
+
+impl<T: Aml + ?Sized> ToBytes for T {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.to_aml_bytes(&mut v);
+        v
+    }
+}
+
+/// The byte that makes `bytes` sum to 0.
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |a, b| a.wrapping_sub(*b))
+}
+
+/// Puts vmm's creator id in a table's header and recomputes its length and checksum.
+/// Every caller passes a table built by the crate, which always has the 36-byte header, so the
+/// indexing below is in bounds.
+fn seal(mut t: Vec<u8>) -> Vec<u8> {
+    let len = t.len() as u32; // at most a few KiB: the tables are bounded by 254 vCPUs
+    t[4..8].copy_from_slice(&len.to_le_bytes());
+    t[28..32].copy_from_slice(&CREATOR_ID);
+    t[32..36].copy_from_slice(&CREATOR_REVISION.to_le_bytes());
+    t[9] = 0;
+    t[9] = checksum(&t);
+    t
+}
+
+/// FADT (signature FACP): hardware-reduced ACPI with sleep registers and the DSDT.
+fn fadt(graph: &DeviceGraph, dsdt_addr: u64) -> Vec<u8> {
+    let has = |kind| graph.devices.iter().any(|d| d.kind == kind);
+    let mut boot_arch = BOOT_ARCH_VGA_NOT_PRESENT;
+    if has(DeviceKind::I8042) {
+        boot_arch |= BOOT_ARCH_8042;
+    }
+    if !has(DeviceKind::Rtc) {
+        boot_arch |= BOOT_ARCH_NO_CMOS_RTC;
+    }
+    let sleep_reg = |port: u16| {
+        GAS::new(
+            GasSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port.into(),
+        )
+    };
+
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        // Power and sleep buttons are not fixed-feature hardware (there is none when
+        // hardware-reduced): Linux then creates no fixed power button device.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.sci_int = u16::from(graph.sci_irq).into();
+    f.iapc_boot_arch = boot_arch.into();
+    f.sleep_control_reg = sleep_reg(layout::ACPI_PM_PIO.0);
+    f.sleep_status_reg = sleep_reg(layout::ACPI_PM_PIO.0 + 1);
+    f.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_ID).into();
+    // No FACS (firmware_ctrl 0), no reset register (RESET_REG_SUP clear: Linux resets through
+    // the i8042), no PM1/GPE blocks.
+    seal(f.finalize().to_bytes())
+}
+
+/// MADT (signature APIC): one LAPIC per vCPU, the IOAPIC and LINT1 as NMI.
+fn madt(graph: &DeviceGraph) -> Result<Vec<u8>, AcpiError> {
+    // APIC ID 0xff is the broadcast ID and the IOAPIC takes ID `vcpus`: 1 to 254 vCPUs fit.
+    let vcpus = match u8::try_from(graph.vcpus) {
+        Ok(n @ 1..=254) => n,
+        _ => return Err(AcpiError::Vcpus(graph.vcpus)),
+    };
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for i in 0..vcpus {
+        m.add_structure(ProcessorLocalApic::new(i, i, EnabledStatus::Enabled));
+    }
+    // ISA IRQs are identity-mapped to pins 0–15 (edge, active high): no source overrides.
+    m.add_structure(IoApic::new(vcpus, IOAPIC_ADDR, 0));
+    let mut t = m.to_bytes();
+    t.extend_from_slice(&LAPIC_NMI);
+    // In bounds: the crate's MADT always starts with its 44-byte header (table header, LAPIC
+    // address, flags).
+    t[8] = MADT_REVISION;
+    t[40..44].copy_from_slice(&MADT_FLAGS.to_le_bytes());
+    Ok(seal(t))
+}
+
+/// MCFG: ECAM for segment 0, bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    seal(m.to_bytes())
+}
+
+/// `IRQNoFlags () {n}`: the small IRQ descriptor (edge, active high, exclusive), which the
+/// crate does not have.
+struct IrqNoFlags(u16);
+
+impl IrqNoFlags {
+    fn new(device: &str, irq: u8) -> Result<Self, AcpiError> {
+        if irq < 16 {
+            Ok(IrqNoFlags(1 << irq))
+        } else {
+            Err(AcpiError::Device {
+                device: device.to_string(),
+                reason: format!("IRQ {irq} is not an ISA IRQ (0–15)"),
+            })
+        }
+    }
+}
+
+impl Aml for IrqNoFlags {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.byte(0x22); // small item: IRQ format (4), 2 bytes
+        sink.word(self.0);
+    }
+}
+
+/// DSDT: the PCI host bridge and motherboard resources, the legacy devices and \_S5_.
+fn dsdt(graph: &DeviceGraph) -> Result<Vec<u8>, AcpiError> {
+    let mut sb = pci_host_bridge();
+    sb.extend(motherboard_resources());
+    let mut names = std::collections::BTreeSet::new();
+    for d in &graph.devices {
+        for (name, dev) in legacy_device(d)? {
+            if names.contains(&name) {
+                return Err(AcpiError::Device {
+                    device: d.name.clone(),
+                    reason: format!("a second {name} device"),
+                });
+            }
+            names.insert(name);
+            sb.extend(dev);
+        }
+    }
+    let sb = aml::Scope::raw("\\_SB_".into(), sb);
+    // Sleep type 5 for S5: Linux writes SLP_TYP 5 | SLP_EN to the sleep control register.
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&5u8, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    );
+    let mut t = Sdt::new(
+        *b"DSDT",
+        HEADER_LEN as u32,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    t.append_slice(&sb);
+    t.append_slice(&s5.to_bytes());
+    Ok(seal(t.as_slice().to_vec()))
+}
+
+/// \_SB_.PCI0: the PCIe host bridge of segment 0, bus 0.
+fn pci_host_bridge() -> Vec<u8> {
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config = aml::IO::new(
+        PCI_CONFIG_FIRST,
+        PCI_CONFIG_FIRST,
+        1,
+        layout::PCI_CONFIG_PIO.1 as u8, // fits: checked at compile time above
+    );
+    let io_low = AddressSpace::<u16>::new_io(0, PCI_CONFIG_FIRST - 1, None);
+    let io_high = AddressSpace::<u16>::new_io(PCI_CONFIG_END, u16::MAX, None);
+    let mmio = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_FIRST,
+        PCI_MMIO_LAST,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config, &io_low, &io_high, &mmio]);
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_bytes()
+}
+
+/// \_SB_.MRES: reserves the ECAM window as a motherboard resource. Linux uses the MCFG's ECAM
+/// only when it is reserved in the e820 map or by a PNP0C02 device like this one.
+fn motherboard_resources() -> Vec<u8> {
+    let ecam = aml::Memory32Fixed::new(true, ECAM_ADDR, ECAM_LEN);
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    aml::Device::new(
+        "MRES".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_bytes()
+}
+
+/// The ACPI devices (name, AML) describing a device on the legacy I/O port bus; none for a PCI
+/// device (bus 0 is enumerated, not described).
+fn legacy_device(d: &DeviceNode) -> Result<Vec<(String, Vec<u8>)>, AcpiError> {
+    let Placement::Pio { label, ports, irqs } = &d.placement else {
+        return Ok(Vec::new());
+    };
+    let err = |reason: String| AcpiError::Device {
+        device: d.name.clone(),
+        reason,
+    };
+    let io: Vec<aml::IO> = ports
+        .iter()
+        .map(|&(first, len)| match u8::try_from(len) {
+            Ok(n) if n > 0 && first.checked_add(len - 1).is_some() => {
+                Ok(aml::IO::new(first, first, 1, n))
+            }
+            _ => Err(err(format!("cannot describe {len} ports at {first:#x}"))),
+        })
+        .collect::<Result<_, _>>()?;
+    let irq = |i: usize| -> Result<IrqNoFlags, AcpiError> {
+        let n = irqs
+            .get(i)
+            .ok_or_else(|| err(format!("placement {label} has no IRQ #{i}")))?;
+        IrqNoFlags::new(&d.name, *n)
+    };
+    fn with<'a>(io: &'a [aml::IO], extra: &[&'a dyn Aml]) -> Vec<&'a dyn Aml> {
+        io.iter()
+            .map(|r| r as &dyn Aml)
+            .chain(extra.iter().copied())
+            .collect()
+    }
+    Ok(match d.kind {
+        DeviceKind::Serial => {
+            let n = label
+                .strip_prefix("com")
+                .and_then(|n| n.parse::<u8>().ok())
+                .filter(|n| (1..=9).contains(n))
+                .ok_or_else(|| err(format!("unknown serial placement {label}")))?;
+            // One digit, so the name has the 4 characters AML names need.
+            let name = format!("COM{n}");
+            let dev = acpi_device(&name, "PNP0501", Some(n), with(&io, &[&irq(0)?]));
+            vec![(name, dev)]
+        }
+        DeviceKind::Rtc => {
+            let dev = acpi_device("RTC_", "PNP0B00", None, with(&io, &[&irq(0)?]));
+            vec![("RTC_".to_string(), dev)]
+        }
+        DeviceKind::I8042 => {
+            // The controller's ports and keyboard IRQ on the keyboard; the aux port (mouse) has
+            // only its IRQ, as on PCs.
+            let kbd = acpi_device("KBD_", "PNP0303", None, with(&io, &[&irq(0)?]));
+            let mou = acpi_device("MOU_", "PNP0F13", None, vec![&irq(1)?]);
+            vec![("KBD_".to_string(), kbd), ("MOU_".to_string(), mou)]
+        }
+        other => {
+            return Err(err(format!(
+                "{other} devices on the I/O port bus ({label})"
+            )));
+        }
+    })
+}
+
+/// `Device (name) { _HID, [_UID], _CRS }`. `name` has 4 characters (callers pass constants or
+/// "COM" and one digit).
+fn acpi_device(name: &str, hid: &str, uid: Option<u8>, resources: Vec<&dyn Aml>) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new(hid));
+    let uid = uid.map(|u| aml::Name::new("_UID".into(), &u));
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
+    let mut children: Vec<&dyn Aml> = vec![&hid];
+    if let Some(u) = &uid {
+        children.push(u);
+    }
+    children.push(&crs);
+    aml::Device::new(name.into(), children).to_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0xe0000;
+    const SIZE: u64 = 0x20000;
+
+    const LEGACY: &str = r#"
+name = "legacy"
+memory = "64M"
+vcpus = 2
+kernel = "vmlinux"
+
+[[serial]]
+name = "console"
+port = "com1"
+io = "none"
+
+[[serial]]
+name = "log"
+port = "com2"
+io = "none"
+
+[[rtc]]
+
+[[i8042]]
+"#;
+
+    const BARE: &str = r#"
+name = "bare"
+memory = "64M"
+vcpus = 1
+kernel = "vmlinux"
+"#;
+
+    fn graph(text: &str) -> DeviceGraph {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"kernel").unwrap();
+        let path = dir.path().join("machine.toml");
+        std::fs::write(&path, text).unwrap();
+        match crate::check_file(&path) {
+            Ok(c) => c.graph,
+            Err(r) => panic!("invalid machine:\n{}", r.render(false, 100)),
+        }
+    }
+
+    fn tables(g: &DeviceGraph) -> AcpiTables {
+        build(g, BASE, SIZE).unwrap()
+    }
+
+    /// The table with this signature: (address, bytes).
+    fn table<'a>(t: &'a AcpiTables, sig: &[u8; 4]) -> (u64, &'a [u8]) {
+        let mut found = t.blobs.iter().filter(|(_, b)| b.starts_with(sig));
+        let (addr, bytes) = found.next().unwrap_or_else(|| panic!("no {sig:?}"));
+        assert!(found.next().is_none(), "two {sig:?} tables");
+        (*addr, bytes)
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// The MADT's interrupt controller structures: (type, bytes).
+    fn madt_entries(m: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        let mut at = 44;
+        while at < m.len() {
+            let len = m[at + 1] as usize;
+            assert!(len >= 2 && at + len <= m.len(), "bad MADT entry at {at}");
+            out.push((m[at], &m[at..at + len]));
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn checksums_lengths_and_placement_are_right() {
+        for text in [LEGACY, BARE] {
+            let t = tables(&graph(text));
+            assert_eq!(t.rsdp_addr, BASE);
+            let (addr, rsdp) = &t.blobs[0];
+            assert_eq!(*addr, BASE);
+            assert_eq!(&rsdp[..8], b"RSD PTR ");
+            assert_eq!(rsdp.len(), 36);
+            assert_eq!(rsdp[15], 2, "RSDP revision");
+            assert_eq!(u32_at(rsdp, 20), 36, "RSDP length");
+            assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+            assert_eq!(sum(rsdp), 0, "RSDP extended checksum");
+            let mut end = BASE;
+            for (addr, b) in &t.blobs[1..] {
+                let sig = String::from_utf8_lossy(&b[..4]);
+                assert_eq!(u32_at(b, 4) as usize, b.len(), "{sig} length");
+                assert_eq!(sum(b), 0, "{sig} checksum");
+                assert_eq!(&b[10..16], b"VMMVMM", "{sig} OEM ID");
+                assert_eq!(&b[16..24], b"VMM     ", "{sig} OEM table ID");
+                assert_eq!(addr % 8, 0, "{sig} alignment");
+                assert!(*addr >= end, "{sig} overlaps the table before it");
+                end = addr + b.len() as u64;
+            }
+            assert!(end <= BASE + SIZE);
+        }
+    }
+
+    #[test]
+    fn pointers_lead_to_the_right_tables() {
+        for text in [LEGACY, BARE] {
+            let t = tables(&graph(text));
+            let (xsdt_addr, xsdt) = table(&t, b"XSDT");
+            assert_eq!(u64_at(&t.blobs[0].1, 24), xsdt_addr);
+            let entries: Vec<u64> = (36..xsdt.len())
+                .step_by(8)
+                .map(|i| u64_at(xsdt, i))
+                .collect();
+            let sigs: Vec<&[u8]> = entries
+                .iter()
+                .map(|a| {
+                    let (_, b) = t.blobs.iter().find(|(at, _)| at == a).unwrap();
+                    &b[..4]
+                })
+                .collect();
+            assert_eq!(sigs, [b"FACP", b"APIC", b"MCFG"]);
+            let (_, fadt) = table(&t, b"FACP");
+            let (dsdt_addr, _) = table(&t, b"DSDT");
+            assert_eq!(u64_at(fadt, 140), dsdt_addr, "X_DSDT");
+            assert_eq!(u32_at(fadt, 40), 0, "32-bit DSDT");
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_registers() {
+        let t = tables(&graph(LEGACY));
+        let (_, f) = table(&t, b"FACP");
+        assert_eq!(
+            (f.len(), f[8], f[131]),
+            (276, 6, 5),
+            "length, revision, minor"
+        );
+        let flags = u32_at(f, 112);
+        assert_ne!(flags & 1 << 20, 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & 1 << 4, 0, "PWR_BUTTON (not fixed-feature)");
+        assert_eq!(flags & 1 << 10, 0, "RESET_REG_SUP");
+        assert_eq!(u16_at(f, 46), u16::from(layout::SCI_IRQ));
+        assert_eq!(u32_at(f, 36), 0, "FACS");
+        assert_eq!(u64_at(f, 132), 0, "X_FACS");
+        // Sleep control and status: system I/O, 8 bits, byte access.
+        assert_eq!(f[244..248], [1, 8, 0, 1]);
+        assert_eq!(u64_at(f, 248), 0x600);
+        assert_eq!(f[256..260], [1, 8, 0, 1]);
+        assert_eq!(u64_at(f, 260), 0x601);
+        assert_eq!(&f[268..276], b"VMMVMM\0\0");
+        // i8042, VGA not present; CMOS present; MSI allowed; no LEGACY_DEVICES.
+        assert_eq!(u16_at(f, 109), 0b0000_0110);
+
+        let t = tables(&graph(BARE));
+        let (_, f) = table(&t, b"FACP");
+        // VGA not present, no CMOS RTC, no 8042.
+        assert_eq!(u16_at(f, 109), 0b0010_0100);
+    }
+
+    #[test]
+    fn madt_has_a_lapic_per_vcpu_the_ioapic_and_no_pic() {
+        for (text, vcpus) in [(LEGACY, 2u8), (BARE, 1)] {
+            let t = tables(&graph(text));
+            let (_, m) = table(&t, b"APIC");
+            assert_eq!(m[8], 5, "revision");
+            assert_eq!(u32_at(m, 36), 0xfee0_0000, "LAPIC address");
+            assert_eq!(u32_at(m, 40), 0, "flags: no PC-AT dual 8259s");
+            let entries = madt_entries(m);
+            let lapics: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 0).map(|e| e.1).collect();
+            assert_eq!(lapics.len(), usize::from(vcpus));
+            for (i, l) in lapics.iter().enumerate() {
+                assert_eq!((l[2] as usize, l[3] as usize, u32_at(l, 4)), (i, i, 1));
+            }
+            let ioapics: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 1).map(|e| e.1).collect();
+            assert_eq!(ioapics.len(), 1);
+            assert_eq!(ioapics[0][2], vcpus, "IOAPIC id");
+            assert_eq!(u32_at(ioapics[0], 4), 0xfec0_0000);
+            assert_eq!(u32_at(ioapics[0], 8), 0, "GSI base");
+            let nmis: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 4).map(|e| e.1).collect();
+            assert_eq!(nmis, [[4u8, 6, 0xff, 0, 0, 1]]);
+            assert_eq!(entries.len(), usize::from(vcpus) + 2, "no other entries");
+        }
+    }
+
+    #[test]
+    fn mcfg_covers_bus_0() {
+        let t = tables(&graph(BARE));
+        let (_, m) = table(&t, b"MCFG");
+        assert_eq!(m.len(), 60);
+        assert_eq!(u64_at(m, 44), layout::PCI_ECAM_START);
+        assert_eq!((u16_at(m, 52), m[54], m[55]), (0, 0, 0));
+    }
+
+    #[test]
+    fn dsdt_describes_the_legacy_devices_present() {
+        let t = tables(&graph(LEGACY));
+        let (_, d) = table(&t, b"DSDT");
+        assert_eq!(d[8], 2, "revision");
+        for name in [
+            "PCI0", "MRES", "_S5_", "COM1", "COM2", "RTC_", "KBD_", "MOU_",
+        ] {
+            assert!(contains(d, name.as_bytes()), "no {name}");
+        }
+        assert!(!contains(d, b"COM3"));
+        // IO (Decode16, 0x3f8, 0x3f8, 1, 8) and IRQNoFlags () {4} of COM1.
+        assert!(contains(
+            d,
+            &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8, 0x22, 0x10, 0]
+        ));
+        // IRQNoFlags () {12} of the mouse, {8} of the RTC.
+        assert!(contains(d, &[0x22, 0, 0x10]));
+        assert!(contains(d, &[0x22, 0, 1]));
+
+        let t = tables(&graph(BARE));
+        let (_, d) = table(&t, b"DSDT");
+        for name in ["PCI0", "_S5_"] {
+            assert!(contains(d, name.as_bytes()), "no {name}");
+        }
+        for name in ["COM1", "RTC_", "KBD_", "MOU_"] {
+            assert!(!contains(d, name.as_bytes()), "{name} without the device");
+        }
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_are_an_error() {
+        let g = graph(LEGACY);
+        let t = tables(&g);
+        let (last, b) = t.blobs.last().unwrap();
+        let need = last + b.len() as u64 - BASE;
+        assert!(build(&g, BASE, need).is_ok());
+        match build(&g, BASE, need - 1) {
+            Err(AcpiError::DoesNotFit { need: n, .. }) => assert_eq!(n, need),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(matches!(
+            build(&g, BASE, 0),
+            Err(AcpiError::DoesNotFit { .. })
+        ));
+        assert!(matches!(
+            build(&g, u64::MAX - 15, SIZE),
+            Err(AcpiError::DoesNotFit { .. })
+        ));
+        assert!(matches!(
+            build(&g, BASE + 8, SIZE),
+            Err(AcpiError::Misaligned(_))
+        ));
+    }
+
+    #[test]
+    fn same_graph_same_bytes() {
+        let a = tables(&graph(LEGACY));
+        let b = tables(&graph(LEGACY));
+        assert_eq!(a.rsdp_addr, b.rsdp_addr);
+        assert_eq!(a.blobs, b.blobs);
+        let g = graph(BARE);
+        assert_eq!(tables(&g).blobs, tables(&g).blobs);
+    }
+
+    #[test]
+    fn odd_graphs_are_errors_not_panics() {
+        let mut g = graph(LEGACY);
+        for vcpus in [0, 255, u32::MAX] {
+            g.vcpus = vcpus;
+            assert!(matches!(build(&g, BASE, SIZE), Err(AcpiError::Vcpus(v)) if v == vcpus));
+        }
+        g.vcpus = 254;
+        let t = build(&g, BASE, SIZE).unwrap();
+        let (_, m) = table(&t, b"APIC");
+        assert_eq!(madt_entries(m).len(), 256);
+
+        let mut g = graph(LEGACY);
+        let Placement::Pio { irqs, .. } = &mut g.devices[0].placement else {
+            panic!("the first device is legacy");
+        };
+        irqs[0] = 16;
+        assert!(matches!(
+            build(&g, BASE, SIZE),
+            Err(AcpiError::Device { .. })
+        ));
+        let mut g = graph(LEGACY);
+        let Placement::Pio { ports, .. } = &mut g.devices[0].placement else {
+            panic!("the first device is legacy");
+        };
+        ports[0].1 = 0;
+        assert!(matches!(
+            build(&g, BASE, SIZE),
+            Err(AcpiError::Device { .. })
+        ));
+        let mut g = graph(LEGACY);
+        let dup = g.devices[0].clone();
+        g.devices.push(dup);
+        assert!(matches!(
+            build(&g, BASE, SIZE),
+            Err(AcpiError::Device { .. })
+        ));
+    }
+}

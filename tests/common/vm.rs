@@ -1,0 +1,194 @@
+//! Running `vmm up` from tests: a machine file in a temp dir, the guest console on pipes, lines
+//! collected by a reader thread, and a watchdog so no test can hang.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use super::{root, skip};
+
+/// True when /dev/kvm can be used; otherwise records a loud skip for `test`.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            skip(test, &format!("needs /dev/kvm ({e})"));
+            false
+        }
+    }
+}
+
+/// The tiny guests (tests/guest/tiny), built once into target/tiny.
+pub fn tiny(name: &str) -> PathBuf {
+    let dir = root().join("target/tiny");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let st = Command::new(root().join("tests/guest/tiny/build.sh"))
+            .arg(&dir)
+            .status()
+            .expect("build.sh runs");
+        assert!(st.success(), "building the tiny guests failed");
+    });
+    let p = dir.join(format!("{name}.elf"));
+    assert!(p.exists(), "no tiny guest {name}");
+    p
+}
+
+/// A running `vmm up`.
+pub struct Vm {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    deadline: Instant,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A machine file for a test: `body` is TOML after the standard header; `kernel` is copied in.
+pub struct Machine {
+    pub dir: tempfile::TempDir,
+    pub file: PathBuf,
+}
+
+impl Machine {
+    pub fn new(kernel: &Path, body: &str) -> Machine {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.toml");
+        let text = format!("kernel = {:?}\n{body}", kernel.display().to_string());
+        std::fs::write(&file, text).unwrap();
+        Machine { dir, file }
+    }
+}
+
+impl Vm {
+    /// Starts `vmm up FILE` with extra environment, killing it after `limit`.
+    pub fn start(file: &Path, limit: Duration, env: &[(&str, &str)]) -> Vm {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("up")
+            .arg(file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Vm::spawn(cmd, limit)
+    }
+
+    pub fn spawn(mut cmd: Command, limit: Duration) -> Vm {
+        let mut child = cmd.spawn().expect("vmm starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(l) = line else { break };
+                let s = String::from_utf8_lossy(&l)
+                    .trim_end_matches('\r')
+                    .to_string();
+                if tx.send(s).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let e2 = err.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            e2.lock().unwrap().push_str(&s);
+        });
+        let stdin = child.stdin.take();
+        Vm {
+            child,
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+            stderr: err,
+            deadline: Instant::now() + limit,
+            _dir: None,
+        }
+    }
+
+    /// Waits for a line containing `pat`; panics (with everything seen) on timeout or exit.
+    pub fn expect(&mut self, pat: &str) -> String {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(pat) {
+                        return l;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "timed out waiting for {pat:?}; output:\n{}\nstderr:\n{}",
+                        self.seen.join("\n"),
+                        self.stderr()
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.child.wait();
+                    panic!(
+                        "vmm exited before {pat:?}; output:\n{}\nstderr:\n{}",
+                        self.seen.join("\n"),
+                        self.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn send(&mut self, text: &str) {
+        let s = self.stdin.as_mut().expect("stdin open");
+        s.write_all(text.as_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for vmm to exit (killing it at the deadline); returns (exit code, stdout, stderr).
+    pub fn finish(mut self) -> (Option<i32>, String, String) {
+        self.close_stdin();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > self.deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "vmm did not exit in time; output:\n{}\nstderr:\n{}",
+                    self.seen.join("\n"),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(l);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        (status.code(), self.seen.join("\n"), self.stderr())
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
