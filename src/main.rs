@@ -246,6 +246,7 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
 
 fn up(file: &Path) -> ExitCode {
     use vmm::backend::kvm::{self, Outcome};
+    let t = std::time::Instant::now();
     let checked = match vmm::check_file(file) {
         Ok(c) => c,
         Err(report) => {
@@ -254,6 +255,7 @@ fn up(file: &Path) -> ExitCode {
         }
     };
     emit(&checked.warnings, Format::Human);
+    log::debug!("machine file checked in {:?}", t.elapsed());
     let g = &checked.graph;
     match kvm::run(g) {
         Ok(r) => {

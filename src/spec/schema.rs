@@ -17,7 +17,11 @@ use crate::diag::{Diag, Diags};
 
 /// Where the committed schema lives, relative to the repository root.
 pub const SCHEMA_PATH: &str = "schema/machine.schema.json";
-const SCHEMA_URL: &str = "https://vmm.invalid/machine.schema.json";
+/// The URL the schema is compiled under at run time. boon checks every schema against the
+/// draft-07 metaschema when compiling it (two thirds of `vmm check`'s time) unless the URL is on
+/// json-schema.org; the generated schema is the same on every run and a test checks it against
+/// the metaschema once (`schema_is_a_valid_draft_07_schema`), so run time skips it.
+const SCHEMA_URL: &str = "https://json-schema.org/vmm/machine.schema.json";
 
 /// The schema as a JSON value.
 pub fn generate() -> Value {
@@ -582,6 +586,12 @@ mod tests {
         assert_eq!(display_path("/net/0/mac"), "net[0].mac");
         assert_eq!(display_path("/pci/hotplug_slots"), "pci.hotplug_slots");
         assert_eq!(display_path(""), "");
+    }
+
+    #[test]
+    fn schema_is_a_valid_draft_07_schema() {
+        // Under a URL off json-schema.org, boon checks the schema against the metaschema.
+        compile(generate(), "https://vmm.invalid/machine.schema.json").unwrap();
     }
 
     #[test]

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Builds the test guest into $OUT (default: target/guest under the repository):
 #   vmlinux          the Linux test kernel (build-kernel.sh, cached by input hash)
+#   bzImage          the same kernel as a bzImage
 #   initramfs.cpio   busybox + init, uncompressed
 # Installs missing Debian packages (busybox-static and the kernel build dependencies) when run
 # as root. Progress goes to stderr; re-runs are fast when nothing changed.
@@ -17,6 +18,7 @@ fi
 echo "guest: kernel (cached after the first build, ~4 min)" >&2
 vmlinux=$(OUT= "$here/build-kernel.sh" | tail -n 1)
 ln -sf "$vmlinux" "$out/vmlinux.new" && mv -T "$out/vmlinux.new" "$out/vmlinux"
+ln -sf "$(dirname "$vmlinux")/bzImage" "$out/bzImage.new" && mv -T "$out/bzImage.new" "$out/bzImage"
 echo "guest: initramfs" >&2
 python3 "$here/mkinitramfs.py" "$out/initramfs.cpio" /bin/busybox "$here/init"
 echo "guest: ready in $out" >&2
