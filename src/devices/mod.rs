@@ -15,6 +15,7 @@ pub mod pci;
 pub mod platform;
 pub mod rng;
 pub mod transport;
+pub mod virtio;
 
 use serde::Serialize;
 
@@ -116,6 +117,33 @@ pub trait VmControl: Send + Sync {
 #[error("{0}")]
 pub struct DeviceError(pub String);
 
+/// One MSI(-X) vector of a device: the guest programs its message, the device triggers it.
+pub trait MsiVector: Send + Sync {
+    /// The message (address, data) the guest wrote to the vector's table entry.
+    fn set_message(&self, addr: u64, data: u32) -> Result<(), DeviceError>;
+    fn trigger(&self);
+}
+
+/// What a device can ask of the running VM (the KVM backend implements it).
+pub trait VmHandle: Send + Sync {
+    /// Makes guest writes to MMIO address `addr` signal `evt` without an exit to vmm.
+    fn register_ioevent(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+    ) -> Result<(), DeviceError>;
+    fn unregister_ioevent(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+    ) -> Result<(), DeviceError>;
+    /// A new MSI vector (a GSI with an irqfd).
+    fn msi_vector(&self) -> Result<std::sync::Arc<dyn MsiVector>, DeviceError>;
+    /// Moves `dev`'s MMIO range from `from` to `to`; takes effect before the vCPU that asked
+    /// re-enters the guest (the bus may be locked by the access that asked).
+    fn move_mmio(&self, from: u64, to: u64, len: u64, dev: bus::SharedDevice);
+}
+
 /// What a device gets from the VM it is built into. The KVM backend implements it; device code
 /// never sees KVM.
 pub trait Machine {
@@ -126,6 +154,18 @@ pub trait Machine {
     fn add_pio(&mut self, base: u16, len: u16, dev: bus::SharedDevice) -> Result<(), DeviceError>;
     /// RAM below and above 4 GiB.
     fn ram(&self) -> (u64, u64);
+    /// Runtime services of the VM (ioeventfds, MSI vectors, MMIO moves).
+    fn vm_handle(&self) -> std::sync::Arc<dyn VmHandle>;
+    /// Guest RAM.
+    fn guest_memory(&self) -> virtio::GuestMem;
+    /// Plugs a PCI function into a slot of bus 0 and maps its BAR (`bar` = (address, size)).
+    fn add_pci(
+        &mut self,
+        slot: u8,
+        function: pci::SharedFunction,
+        bar: (u64, u64),
+        bar_device: bus::SharedDevice,
+    ) -> Result<(), DeviceError>;
     /// Opens the host end of a character device; its input (terminal, socket) goes to `input`.
     fn open_char(
         &mut self,

@@ -55,10 +55,173 @@ impl DeviceSpec for RngSpec {
                 .help("remove `rate` for no limit");
         }
     }
+    fn build(
+        &self,
+        at: &crate::graph::Placement,
+        m: &mut dyn crate::devices::Machine,
+    ) -> Result<(), crate::devices::DeviceError> {
+        let dev = Rng::new(self.rate.map(|r| r.bytes()));
+        crate::devices::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
+    }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         match self.rate {
             Some(r) => vec![("rate", format!("{r}/s"))],
             None => Vec::new(),
+        }
+    }
+}
+
+// ---- The device model -----------------------------------------------------------------------
+
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemory;
+
+use crate::devices::virtio::{
+    ActivateError, Activation, STOP_TOKEN, VIRTIO_F_VERSION_1, VirtioDevice, Worker, WorkerHandle,
+    drain, notify,
+};
+
+/// Queue size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// A token bucket: `rate` bytes per second, bursts up to one second's worth.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    rate: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: u64) -> RateLimit {
+        RateLimit {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let add = (now - self.last).as_secs_f64() * self.rate as f64;
+        if add >= 1.0 {
+            self.tokens = (self.tokens + add as u64).min(self.rate);
+            self.last = now;
+        }
+    }
+    /// How long until at least one byte may go.
+    pub fn wait(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate.max(1) as f64).max(Duration::from_millis(1))
+    }
+}
+
+/// Fills the guest's buffers with random bytes; stops early when the rate limit is reached.
+/// Returns whether any buffer was used (the caller notifies). Malformed chains are returned
+/// with length 0; nothing here trusts the guest.
+pub fn fill<M: GuestMemory>(queue: &mut Queue, mem: &M, mut limit: Option<&mut RateLimit>) -> bool {
+    let mut used = false;
+    loop {
+        if let Some(l) = limit.as_deref_mut() {
+            l.refill();
+            if l.tokens == 0 {
+                return used;
+            }
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return used;
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) => {
+                let mut want = w.available_bytes().min(64 * 1024);
+                if let Some(l) = limit.as_deref_mut() {
+                    want = want.min(l.tokens as usize);
+                }
+                let mut buf = vec![0u8; want];
+                // SAFETY: getrandom fills the buffer we own, of its length.
+                let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let n = usize::try_from(n).unwrap_or(0);
+                match std::io::Write::write(&mut w, &buf[..n]) {
+                    Ok(k) => {
+                        if let Some(l) = limit.as_deref_mut() {
+                            l.tokens = l.tokens.saturating_sub(k as u64);
+                        }
+                        k as u32
+                    }
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        if queue.add_used(mem, head, written).is_err() {
+            return used;
+        }
+        used = true;
+    }
+}
+
+/// The virtio-rng device.
+pub struct Rng {
+    rate: Option<u64>,
+    worker: Option<WorkerHandle>,
+}
+
+impl Rng {
+    pub fn new(rate: Option<u64>) -> Rng {
+        Rng { rate, worker: None }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_RNG
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0); // no configuration space
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let Some(q) = a.queues.into_iter().next() else {
+            return Err(ActivateError("the request queue is not enabled".into()));
+        };
+        let mem = a.mem;
+        let mut limit = self.rate.map(RateLimit::new);
+        self.worker = Some(WorkerHandle::spawn("virtio-rng".into(), move |stop| {
+            let Ok(w) = Worker::new(stop) else { return };
+            if w.add(std::os::fd::AsRawFd::as_raw_fd(&q.kick), 0).is_err() {
+                return;
+            }
+            let (mut queue, kick, irq) = (q.queue, q.kick, q.irq);
+            let mut waiting = false;
+            loop {
+                let timeout = if waiting {
+                    limit.as_ref().map_or(-1, |l| l.wait().as_millis() as i32)
+                } else {
+                    -1
+                };
+                let events = w.wait(timeout);
+                if events.contains(&STOP_TOKEN) {
+                    return;
+                }
+                drain(&kick);
+                if fill(&mut queue, &mem, limit.as_mut()) {
+                    notify(&mut queue, &mem, irq.as_ref());
+                }
+                // Rate-limited with requests left: come back when tokens are due.
+                waiting = limit.as_ref().is_some_and(|l| l.tokens == 0);
+            }
+        })?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
         }
     }
 }

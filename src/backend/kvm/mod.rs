@@ -12,6 +12,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpu;
+pub mod handle;
 pub mod memory;
 pub mod vcpu;
 
@@ -20,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_IRQ_ROUTING_IRQCHIP, KvmIrqRouting, kvm_irq_routing_entry};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,21 +28,20 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::terminal::{EscapeDecoder, RawMode};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::char_io::{self, CharInput, CharIo, CharOut, SocketGuard};
-use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot};
+use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot, SharedFunction};
 use crate::devices::platform::AcpiPm;
-use crate::devices::{DeviceError, Irq, Machine, VmControl};
+use crate::devices::virtio::GuestMem;
+use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::graph::DeviceGraph;
 use crate::graph::layout::{
     ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START,
 };
+use handle::{Handle, IOAPIC_PINS, KvmHandle};
 pub use vcpu::Outcome;
 use vcpu::{ExitState, VcpuShared};
 
-/// IOAPIC pins of KVM's in-kernel IOAPIC.
-const IOAPIC_PINS: u32 = 24;
 /// KVM's TSS needs three pages below 4 GiB, outside RAM and MMIO.
 const TSS_ADDR: usize = 0xfffb_d000;
-const KVM_IRQCHIP_IOAPIC: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -109,8 +108,11 @@ impl Irq for IrqFd {
 /// The VM as devices see it while they are built.
 struct Builder<'a> {
     vm: &'a VmFd,
+    handle: Arc<KvmHandle>,
+    mem: GuestMem,
+    pci: Arc<Mutex<PciRoot>>,
     pio: Bus,
-    mmio: Bus,
+    mmio: Arc<RwLock<Bus>>,
     irqs: HashMap<u8, Arc<IrqFd>>,
     exit: Arc<ExitState>,
     base_dir: PathBuf,
@@ -151,6 +153,34 @@ impl Machine for Builder<'_> {
         self.ram
     }
 
+    fn vm_handle(&self) -> Arc<dyn VmHandle> {
+        Arc::new(Handle(self.handle.clone()))
+    }
+
+    fn guest_memory(&self) -> GuestMem {
+        self.mem.clone()
+    }
+
+    fn add_pci(
+        &mut self,
+        slot: u8,
+        function: SharedFunction,
+        bar: (u64, u64),
+        bar_device: SharedDevice,
+    ) -> Result<(), DeviceError> {
+        let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        if slot == 0 || root.occupied(slot) {
+            return Err(DeviceError(format!("PCI slot {slot} is taken")));
+        }
+        self.mmio
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(bar.0, bar.1, bar_device)
+            .map_err(|e| DeviceError(e.to_string()))?;
+        root.plug(slot, function);
+        Ok(())
+    }
+
     fn open_char(
         &mut self,
         io: &CharIo,
@@ -164,22 +194,6 @@ impl Machine for Builder<'_> {
         self.sockets.extend(guard);
         Ok(out)
     }
-}
-
-fn gsi_routing(vm: &VmFd) -> Result<(), VmError> {
-    let mut routing =
-        KvmIrqRouting::new(IOAPIC_PINS as usize).map_err(|_| VmError::MissingCap("IRQ routing"))?;
-    for (pin, e) in routing.as_mut_slice().iter_mut().enumerate() {
-        *e = kvm_irq_routing_entry {
-            gsi: pin as u32,
-            type_: KVM_IRQ_ROUTING_IRQCHIP,
-            ..Default::default()
-        };
-        e.u.irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
-        e.u.irqchip.pin = pin as u32;
-    }
-    vm.set_gsi_routing(&routing)
-        .map_err(kvm_err("KVM_SET_GSI_ROUTING"))
 }
 
 /// Builds and runs the machine; returns when the VM has ended and every vCPU thread is gone.
@@ -206,7 +220,8 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
     }
 
     log::debug!("kvm opened: {:?}", started.elapsed());
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    // Guest RAM first: registered after the irqchip, the memory slot costs 5-7 ms here.
     let mem = memory::create(graph)?;
     memory::register(&vm, &mem)?;
     log::debug!("memory: {:?}", started.elapsed());
@@ -214,7 +229,9 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    gsi_routing(&vm)?;
+    let mmio = Arc::new(RwLock::new(Bus::new()));
+    let handle =
+        KvmHandle::new(vm.clone(), mmio.clone()).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
 
     log::debug!("vm and irqchip: {:?}", started.elapsed());
 
@@ -236,10 +253,14 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         .filter(|r| r.ram && r.start < IOAPIC_START)
         .map(|r| r.size)
         .sum();
+    let root = Arc::new(Mutex::new(PciRoot::new()));
     let mut b = Builder {
         vm: &vm,
+        handle: handle.clone(),
+        mem: mem.clone(),
+        pci: root.clone(),
         pio: Bus::new(),
-        mmio: Bus::new(),
+        mmio: mmio.clone(),
         irqs: HashMap::new(),
         exit: exit.clone(),
         base_dir: graph.base_dir.clone(),
@@ -247,7 +268,6 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         stdin: None,
         sockets: Vec::new(),
     };
-    let root = Arc::new(Mutex::new(PciRoot::new()));
     let platform: [(u64, u64, SharedDevice, &str); 2] = [
         (
             u64::from(PCI_CONFIG_PIO.0),
@@ -269,6 +289,8 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         })?;
     }
     b.mmio
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
         .insert(
             PCI_ECAM_START,
             PCI_ECAM_SIZE,
@@ -289,7 +311,6 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
     }
     let Builder {
         pio,
-        mmio,
         stdin,
         sockets,
         ..
@@ -318,8 +339,9 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
     let shared = VcpuShared {
         pio: Arc::new(RwLock::new(pio)),
-        mmio: Arc::new(RwLock::new(mmio)),
+        mmio,
         exit: exit.clone(),
+        handle,
     };
     let mut threads = Vec::new();
     for (id, fd) in fds.into_iter().enumerate() {

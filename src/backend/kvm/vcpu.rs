@@ -84,6 +84,8 @@ pub struct VcpuShared {
     pub pio: Arc<RwLock<Bus>>,
     pub mmio: Arc<RwLock<Bus>>,
     pub exit: Arc<ExitState>,
+    /// Applies MMIO moves devices asked for during an exit, before re-entering the guest.
+    pub handle: Arc<super::handle::KvmHandle>,
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
@@ -125,6 +127,9 @@ fn run_loop(id: u32, fd: &mut VcpuFd, s: &VcpuShared) -> Option<Outcome> {
     loop {
         if s.exit.stopping.load(Ordering::SeqCst) {
             return None;
+        }
+        if s.handle.has_moves() {
+            s.handle.apply_moves();
         }
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
