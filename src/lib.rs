@@ -15,6 +15,7 @@ pub mod diag;
 pub mod graph;
 pub mod spec;
 pub mod validate;
+pub mod vhost_user;
 
 use std::path::Path;
 

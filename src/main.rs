@@ -48,6 +48,37 @@ enum Command {
     },
     /// Boot the machine with its console on this terminal.
     Up { file: PathBuf },
+    /// Serve one device model as a vhost-user backend on a unix socket (until the VMM disconnects).
+    Device {
+        #[command(subcommand)]
+        kind: DeviceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// virtio-blk on a raw image file.
+    Block {
+        /// vhost-user socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Raw disk image.
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        readonly: bool,
+        /// Serial number (ID) the guest sees; at most 20 characters.
+        #[arg(long, default_value = "vmm-vhost-user")]
+        serial: String,
+    },
+    /// virtio-rng fed from getrandom.
+    Rng {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Bytes per second, e.g. 64K; unlimited when omitted.
+        #[arg(long)]
+        rate: Option<vmm::spec::units::ByteSize>,
+    },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -70,6 +101,7 @@ fn main() -> ExitCode {
         Command::Graph { file, format } => graph(&file, format),
         Command::Plan { old, new, format } => plan(&old, &new, format),
         Command::Up { file } => up(&file),
+        Command::Device { kind } => device(kind),
     }
 }
 
@@ -290,4 +322,30 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+fn device(kind: DeviceCmd) -> ExitCode {
+    use vmm::vhost_user::{Model, serve};
+    let (model, socket) = match kind {
+        DeviceCmd::Block {
+            socket,
+            path,
+            readonly,
+            serial,
+        } => match vmm::devices::block::Disk::open(&path, readonly, &serial) {
+            Ok(d) => (Model::block(d), socket),
+            Err(e) => {
+                eprintln!("vmm device block: {e}");
+                return ExitCode::from(EXIT_BAD_FILE);
+            }
+        },
+        DeviceCmd::Rng { socket, rate } => (Model::rng(rate.map(|r| r.bytes())), socket),
+    };
+    match serve(model, &socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm device: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }

@@ -81,11 +81,796 @@ impl DeviceSpec for BlockSpec {
             }
         }
     }
+    fn build(
+        &self,
+        at: &crate::graph::Placement,
+        m: &mut dyn crate::devices::Machine,
+    ) -> Result<(), crate::devices::DeviceError> {
+        let path = self.path.resolve(m.base_dir());
+        let id = self.serial.clone().unwrap_or_else(|| self.name.to_string());
+        let disk = Disk::open(&path, self.readonly, &id).map_err(crate::devices::DeviceError)?;
+        log::info!(
+            "block `{}`: {} ({} sectors{})",
+            self.name,
+            path.display(),
+            disk.sectors(),
+            if self.readonly { ", read-only" } else { "" }
+        );
+        crate::devices::transport::virtio_pci::plug(
+            self.name.as_str(),
+            Box::new(Block::new(disk)),
+            at,
+            m,
+        )
+    }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         let mut v = vec![("path", self.path.to_string())];
         if self.readonly {
             v.push(("readonly", "true".into()));
         }
         v
+    }
+}
+
+// ---- The device model -----------------------------------------------------------------------
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::devices::virtio::{
+    ActivateError, Activation, STOP_TOKEN, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    VirtioDevice, Worker, WorkerHandle, drain, notify, read_config_bytes,
+};
+
+pub const SECTOR_SIZE: u64 = 512;
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments per request (config seg_max); the queue size bounds chains anyway.
+pub const SEG_MAX: u32 = 254;
+
+// Features (virtio 1.2 section 5.2.3).
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+// Request types and status (section 5.2.6).
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+/// Most discard/write-zeroes segments per request.
+const MAX_RANGE_SEGMENTS: u32 = 32;
+
+/// A raw disk image, opened for the device's lifetime (and locked against a second user).
+#[derive(Debug)]
+pub struct Disk {
+    pub file: File,
+    /// Size in bytes, rounded down to whole sectors.
+    pub size: u64,
+    pub readonly: bool,
+    pub id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl Disk {
+    /// Opens `path`: read-write unless `readonly`, with an exclusive lock (shared when
+    /// read-only) so two VMs cannot write one image.
+    pub fn open(path: &std::path::Path, readonly: bool, id: &str) -> Result<Disk, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
+        let op = if readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "disk image {} is in use by another process ({e})",
+                path.display()
+            ));
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
+        let mut idb = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = id.len().min(VIRTIO_BLK_ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            size: len / SECTOR_SIZE * SECTOR_SIZE,
+            readonly,
+            id: idb,
+        })
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+}
+
+/// One request's pieces, validated against guest memory.
+struct Request {
+    kind: u32,
+    sector: u64,
+    /// Data segments as host (pointer, length), in chain order, and whether the device writes
+    /// them (device-writable = guest reads).
+    data: Vec<(*mut u8, usize, bool)>,
+    status: GuestAddress,
+}
+
+/// Splits a descriptor chain into header, data and status. `None` when the chain cannot even
+/// carry a status byte (it is returned with length 0).
+fn parse<M: GuestMemory>(
+    mem: &M,
+    descs: &[(GuestAddress, u32, bool)],
+) -> Option<Result<Request, GuestAddress>> {
+    // The status is the last byte of the last writable descriptor.
+    let &(last_addr, last_len, last_w) = descs.last()?;
+    if !last_w || last_len == 0 {
+        return None;
+    }
+    let status = last_addr.checked_add(u64::from(last_len) - 1)?;
+    if !mem.check_range(status, 1, Permissions::Write) {
+        return None;
+    }
+    // The header: the first 16 readable bytes (virtio_blk_outhdr: type, reserved, sector).
+    let &(haddr, hlen, hw) = descs.first()?;
+    if hw || hlen < 16 {
+        return Some(Err(status));
+    }
+    let mut hdr = [0u8; 16];
+    if read_guest(mem, haddr, &mut hdr).is_err() {
+        return Some(Err(status));
+    }
+    let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
+    let mut data = Vec::new();
+    // Data: what lies between the header and the status byte.
+    let mut segments: Vec<(GuestAddress, u64, bool)> = Vec::new();
+    if hlen > 16 {
+        segments.push((haddr.unchecked_add(16), u64::from(hlen) - 16, false));
+    }
+    for &(a, l, w) in &descs[1..descs.len() - 1] {
+        segments.push((a, u64::from(l), w));
+    }
+    if last_len > 1 {
+        segments.push((last_addr, u64::from(last_len) - 1, true));
+    }
+    for (a, l, w) in segments {
+        if l == 0 {
+            continue;
+        }
+        let perm = if w {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let Ok(iter) = mem.get_slices(a, l as usize, perm) else {
+            return Some(Err(status));
+        };
+        for s in iter {
+            let Ok(s) = s else { return Some(Err(status)) };
+            data.push((s.ptr_guard_mut().as_ptr(), s.len(), w));
+        }
+    }
+    Some(Ok(Request {
+        kind,
+        sector,
+        data,
+        status,
+    }))
+}
+
+fn read_guest<M: GuestMemory>(mem: &M, addr: GuestAddress, buf: &mut [u8]) -> Result<(), ()> {
+    let mut off = 0;
+    let iter = mem
+        .get_slices(addr, buf.len(), Permissions::Read)
+        .map_err(|_| ())?;
+    for s in iter {
+        let s = s.map_err(|_| ())?;
+        s.copy_to(&mut buf[off..off + s.len()]);
+        off += s.len();
+    }
+    (off == buf.len()).then_some(()).ok_or(())
+}
+
+fn write_status<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8) {
+    if let Ok(mut it) = mem.get_slices(at, 1, Permissions::Write) {
+        if let Some(Ok(s)) = it.next() {
+            let _ = s.write_obj(status, 0);
+        }
+    }
+}
+
+/// Reads or writes `segs` at byte `offset` of the image with one preadv/pwritev loop.
+fn transfer(
+    disk: &Disk,
+    offset: u64,
+    segs: &[(*mut u8, usize, bool)],
+    write: bool,
+) -> std::io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = segs
+        .iter()
+        .map(|&(p, l, _)| libc::iovec {
+            iov_base: p.cast(),
+            iov_len: l,
+        })
+        .collect();
+    let total: usize = segs.iter().map(|s| s.1).sum();
+    let mut done = 0usize;
+    let mut first = 0usize;
+    while done < total {
+        let off = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let cnt = (iov.len() - first).min(1024) as libc::c_int;
+        // SAFETY: the iovecs point into guest memory validated by `parse` (mapped for the VM's
+        // lifetime); the file descriptor is ours.
+        let n = unsafe {
+            if write {
+                libc::pwritev(disk.file.as_raw_fd(), iov[first..].as_ptr(), cnt, off)
+            } else {
+                libc::preadv(disk.file.as_raw_fd(), iov[first..].as_mut_ptr(), cnt, off)
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // Reading past the end of a file that shrank under us.
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        let mut n = n as usize;
+        done += n;
+        while n > 0 && first < iov.len() {
+            if n >= iov[first].iov_len {
+                n -= iov[first].iov_len;
+                first += 1;
+            } else {
+                // SAFETY: advancing within the same iovec.
+                iov[first].iov_base = unsafe { iov[first].iov_base.cast::<u8>().add(n).cast() };
+                iov[first].iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Executes one request; returns (status, bytes written into the guest).
+fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
+    let bytes: usize = r.data.iter().map(|s| s.1).sum();
+    let writable = r.data.iter().all(|s| s.2);
+    let readable = r.data.iter().all(|s| !s.2);
+    let in_range = |len: u64| {
+        r.sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= disk.size)
+    };
+    match r.kind {
+        VIRTIO_BLK_T_IN => {
+            if !writable || bytes as u64 % SECTOR_SIZE != 0 || !in_range(bytes as u64) {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            match transfer(disk, r.sector * SECTOR_SIZE, &r.data, false) {
+                Ok(n) => (VIRTIO_BLK_S_OK, n as u32),
+                Err(e) => {
+                    log::warn!("virtio-blk read at sector {}: {e}", r.sector);
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            }
+        }
+        VIRTIO_BLK_T_OUT => {
+            if disk.readonly
+                || !readable
+                || bytes as u64 % SECTOR_SIZE != 0
+                || !in_range(bytes as u64)
+            {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            match transfer(disk, r.sector * SECTOR_SIZE, &r.data, true) {
+                Ok(_) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    log::warn!("virtio-blk write at sector {}: {e}", r.sector);
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            }
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if disk.readonly {
+                return (VIRTIO_BLK_S_OK, 0);
+            }
+            match disk.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    log::warn!("virtio-blk flush: {e}");
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            }
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            if !writable {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let mut left = &disk.id[..];
+            let mut n = 0u32;
+            for &(p, l, _) in &r.data {
+                let k = l.min(left.len());
+                // SAFETY: `p` points to `l` writable bytes of guest memory validated by `parse`.
+                unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), p, k) };
+                left = &left[k..];
+                n += k as u32;
+            }
+            (VIRTIO_BLK_S_OK, n)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            if disk.readonly
+                || !readable
+                || bytes % 16 != 0
+                || bytes / 16 > MAX_RANGE_SEGMENTS as usize
+            {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let mut raw = Vec::with_capacity(bytes);
+            for &(p, l, _) in &r.data {
+                // SAFETY: `p` points to `l` readable bytes of guest memory validated by `parse`.
+                raw.extend_from_slice(unsafe { std::slice::from_raw_parts(p, l) });
+            }
+            for seg in raw.chunks_exact(16) {
+                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
+                let count = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+                let off = sector.checked_mul(SECTOR_SIZE);
+                let len = u64::from(count) * SECTOR_SIZE;
+                let Some(off) = off.filter(|o| o.checked_add(len).is_some_and(|e| e <= disk.size))
+                else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                let mode = if r.kind == VIRTIO_BLK_T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                // SAFETY: fallocate on our file with a range inside the image.
+                let rc = unsafe {
+                    libc::fallocate(
+                        disk.file.as_raw_fd(),
+                        mode,
+                        off as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if rc != 0 && r.kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                    // No hole punching here: write zeroes the slow way.
+                    if zero_fill(disk, off, len).is_err() {
+                        return (VIRTIO_BLK_S_IOERR, 0);
+                    }
+                }
+            }
+            (VIRTIO_BLK_S_OK, 0)
+        }
+        _ => (VIRTIO_BLK_S_UNSUPP, 0),
+    }
+}
+
+fn zero_fill(disk: &Disk, mut off: u64, mut len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64) as usize;
+        disk.file.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+/// Serves every available request of `queue`; returns whether any was completed (the caller
+/// notifies). A request the guest malformed gets an error status, or length 0 when it has no
+/// room for one; nothing here trusts the guest.
+pub fn process<M: GuestMemory>(queue: &mut Queue, mem: &M, disk: &Disk) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let descs: Vec<(GuestAddress, u32, bool)> = chain
+            .map(|d| (d.addr(), d.len(), d.is_write_only()))
+            .collect();
+        let len = match parse(mem, &descs) {
+            None => 0,
+            Some(Err(status_at)) => {
+                write_status(mem, status_at, VIRTIO_BLK_S_IOERR);
+                1
+            }
+            Some(Ok(r)) => {
+                let (status, n) = execute(disk, &r);
+                write_status(mem, r.status, status);
+                n + 1
+            }
+        };
+        if queue.add_used(mem, head, len).is_err() {
+            break;
+        }
+        used = true;
+    }
+    used
+}
+
+/// The virtio_blk_config bytes for `disk` (section 5.2.4).
+pub fn config_bytes(disk: &Disk) -> [u8; 60] {
+    let mut c = [0u8; 60];
+    c[0..8].copy_from_slice(&disk.sectors().to_le_bytes()); // capacity
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
+    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    let sectors_max = u32::MAX / SECTOR_SIZE as u32;
+    c[36..40].copy_from_slice(&sectors_max.to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+    c[48..52].copy_from_slice(&sectors_max.to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&MAX_RANGE_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+/// Features of a disk.
+pub fn features(disk: &Disk) -> u64 {
+    let mut f = VIRTIO_F_VERSION_1
+        | VIRTIO_F_RING_EVENT_IDX
+        | VIRTIO_BLK_F_SEG_MAX
+        | VIRTIO_BLK_F_BLK_SIZE
+        | VIRTIO_BLK_F_FLUSH;
+    if disk.readonly {
+        f |= VIRTIO_BLK_F_RO;
+    } else {
+        f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+    }
+    f
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    disk: std::sync::Arc<Disk>,
+    config: [u8; 60],
+    worker: Option<WorkerHandle>,
+}
+
+impl Block {
+    pub fn new(disk: Disk) -> Block {
+        Block {
+            config: config_bytes(&disk),
+            disk: std::sync::Arc::new(disk),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u16 {
+        VIRTIO_ID_BLOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        features(&self.disk)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let Some(q) = a.queues.into_iter().next() else {
+            return Err(ActivateError("the request queue is not enabled".into()));
+        };
+        let (mem, disk) = (a.mem, self.disk.clone());
+        self.worker = Some(WorkerHandle::spawn("virtio-blk".into(), move |stop| {
+            let Ok(w) = Worker::new(stop) else { return };
+            if w.add(q.kick.as_raw_fd(), 0).is_err() {
+                return;
+            }
+            let (mut queue, kick, irq) = (q.queue, q.kick, q.irq);
+            loop {
+                if w.wait(-1).contains(&STOP_TOKEN) {
+                    return;
+                }
+                drain(&kick);
+                // With EVENT_IDX, re-check after enabling notifications so no request is missed.
+                loop {
+                    let _ = queue.disable_notification(&mem);
+                    if process(&mut queue, &mem, &disk) {
+                        notify(&mut queue, &mem, irq.as_ref());
+                    }
+                    if !queue.enable_notification(&mem).unwrap_or(false) {
+                        break;
+                    }
+                }
+            }
+        })?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::GuestMem;
+    use crate::devices::virtio::testing::{NEXT, WRITE, desc, mem, raw};
+    use std::io::Write;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const HDR: u64 = 0x10000;
+    const DATA: u64 = 0x20000;
+    const STATUS: u64 = 0x30000;
+
+    fn disk(readonly: bool) -> (tempfile::NamedTempFile, Disk) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![0u8; 1 << 20]).unwrap();
+        let d = Disk::open(f.path(), readonly, "SERIAL-1").unwrap();
+        (f, d)
+    }
+
+    fn header(m: &GuestMem, kind: u32, sector: u64) {
+        m.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
+        m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        m.write_obj(sector.to_le(), GuestAddress(HDR + 8)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Runs one request chain; returns (status byte, used length).
+    fn run(m: &GuestMem, d: &Disk, descs: &[virtio_queue::desc::RawDescriptor]) -> (u8, u32) {
+        let vq = MockSplitQueue::new(m, 16);
+        vq.build_desc_chain(descs).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        assert!(process(&mut q, m, d));
+        let used = vq.used().ring().ref_at(0).unwrap().load();
+        (m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), used.len())
+    }
+
+    fn rw(
+        kind: u32,
+        sector: u64,
+        len: u32,
+        data_flags: u16,
+    ) -> Vec<virtio_queue::desc::RawDescriptor> {
+        vec![
+            desc(HDR, 16, 0),
+            desc(DATA, len, data_flags),
+            desc(STATUS, 1, WRITE),
+        ]
+    }
+
+    #[test]
+    fn write_then_read_back() {
+        let m = mem();
+        let (f, d) = disk(false);
+        m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 8);
+        assert_eq!(
+            run(&m, &d, &rw(VIRTIO_BLK_T_OUT, 8, 1024, 0)),
+            (VIRTIO_BLK_S_OK, 1)
+        );
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert!(on_disk[4096..5120].iter().all(|&b| b == 0xab));
+        assert!(on_disk[5120..6144].iter().all(|&b| b == 0));
+        m.write_slice(&[0; 1024], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(
+            run(&m, &d, &rw(VIRTIO_BLK_T_IN, 8, 1024, WRITE)),
+            (VIRTIO_BLK_S_OK, 1025)
+        );
+        let mut back = [0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert!(back.iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn flush_get_id_discard_and_write_zeroes() {
+        let m = mem();
+        let (f, d) = disk(false);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(
+            run(&m, &d, &[desc(HDR, 16, 0), desc(STATUS, 1, WRITE)]).0,
+            VIRTIO_BLK_S_OK
+        );
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(run(&m, &d, &rw(0, 0, 20, WRITE)), (VIRTIO_BLK_S_OK, 21));
+        let mut id = [0u8; 8];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"SERIAL-1");
+        // Write ones, then zero sectors 2..4 with write-zeroes.
+        std::fs::write(f.path(), vec![1u8; 1 << 20]).unwrap();
+        let seg: Vec<u8> = [
+            2u64.to_le_bytes().as_slice(),
+            &2u32.to_le_bytes(),
+            &0u32.to_le_bytes(),
+        ]
+        .concat();
+        m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(run(&m, &d, &rw(0, 0, 16, 0)).0, VIRTIO_BLK_S_OK);
+        let on_disk = std::fs::read(f.path()).unwrap();
+        assert!(
+            on_disk[1024..2048].iter().all(|&b| b == 0)
+                && on_disk[512..1024].iter().all(|&b| b == 1)
+        );
+        header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(run(&m, &d, &rw(0, 0, 16, 0)).0, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn bad_requests_get_error_statuses() {
+        let m = mem();
+        let (_f, d) = disk(false);
+        let (_g, ro) = disk(true);
+        let sectors = d.sectors();
+        let cases: Vec<(&str, &Disk, u32, u64, u32, u16, u8)> = vec![
+            (
+                "read past the end",
+                &d,
+                VIRTIO_BLK_T_IN,
+                sectors - 1,
+                1024,
+                WRITE,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                "sector overflow",
+                &d,
+                VIRTIO_BLK_T_IN,
+                u64::MAX,
+                512,
+                WRITE,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                "partial sector",
+                &d,
+                VIRTIO_BLK_T_IN,
+                0,
+                100,
+                WRITE,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                "read into readable buffers",
+                &d,
+                VIRTIO_BLK_T_IN,
+                0,
+                512,
+                0,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                "write from writable buffers",
+                &d,
+                VIRTIO_BLK_T_OUT,
+                0,
+                512,
+                WRITE,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                "write to a read-only disk",
+                &ro,
+                VIRTIO_BLK_T_OUT,
+                0,
+                512,
+                0,
+                VIRTIO_BLK_S_IOERR,
+            ),
+            ("unknown type", &d, 0x77, 0, 512, 0, VIRTIO_BLK_S_UNSUPP),
+        ];
+        for (what, disk, kind, sector, len, flags, want) in cases {
+            header(&m, kind, sector);
+            assert_eq!(
+                run(&m, disk, &rw(kind, sector, len, flags)).0,
+                want,
+                "{what}"
+            );
+        }
+        // Data outside guest memory.
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let descs = [
+            desc(HDR, 16, 0),
+            desc(0xfff_0000, 512, WRITE),
+            desc(STATUS, 1, WRITE),
+        ];
+        assert_eq!(run(&m, &d, &descs).0, VIRTIO_BLK_S_IOERR);
+        // A header too short.
+        let descs = [desc(HDR, 8, 0), desc(STATUS, 1, WRITE)];
+        assert_eq!(run(&m, &d, &descs).0, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn chains_without_a_status_byte_are_returned_empty() {
+        let m = mem();
+        let (_f, d) = disk(false);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        for descs in [
+            vec![desc(HDR, 16, 0), desc(DATA, 512, 0)], // nothing writable
+            vec![desc(HDR, 16, 0), desc(STATUS, 0, WRITE)], // zero-length status
+            vec![desc(HDR, 16, 0), desc(0xfff_ffff_0000, 1, WRITE)], // status out of memory
+            // A 4 GiB buffer: the chain ends there (virtio-queue stops at 4 GiB in total) and
+            // its last byte, where the status would be, is outside guest memory.
+            vec![
+                desc(HDR, 16, 0),
+                desc(DATA, u32::MAX, WRITE),
+                desc(STATUS, 1, WRITE),
+            ],
+        ] {
+            let (status, used) = run(&m, &d, &descs);
+            assert_eq!((status, used), (0xff, 0));
+        }
+    }
+
+    #[test]
+    fn descriptor_loops_and_avail_jumps_end_without_panicking() {
+        let m = mem();
+        let (_f, d) = disk(false);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let vq = MockSplitQueue::new(&m, 16);
+        // 0 → 1 → 0 → …
+        vq.add_desc_chains(&[raw(HDR, 16, NEXT, 1), raw(DATA, 512, NEXT | WRITE, 0)], 0)
+            .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        process(&mut q, &m, &d);
+        // The driver claims 1000 more requests than the ring holds, with garbage heads.
+        vq.avail().idx().store(1001u16.to_le());
+        for i in 0..16 {
+            vq.avail()
+                .ring()
+                .ref_at(i)
+                .unwrap()
+                .store(0xbeefu16.wrapping_add(i as u16).to_le());
+        }
+        let mut q: Queue = vq.create_queue().unwrap();
+        process(&mut q, &m, &d);
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_features() {
+        let (_f, d) = disk(true);
+        let c = config_bytes(&d);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2048);
+        assert_ne!(features(&d) & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(features(&d) & VIRTIO_BLK_F_DISCARD, 0);
+        let b = Block::new(d);
+        let mut x = [0u8; 8];
+        b.read_config(0, &mut x);
+        assert_eq!(u64::from_le_bytes(x), 2048);
+        b.read_config(1000, &mut x);
+        assert_eq!(x, [0; 8]);
+    }
+
+    #[test]
+    fn a_locked_image_is_refused() {
+        let (f, _d) = disk(false);
+        let e = Disk::open(f.path(), false, "x").unwrap_err();
+        assert!(e.contains("in use by another process"), "{e}");
     }
 }

@@ -154,6 +154,8 @@ pub trait Machine {
     fn add_pio(&mut self, base: u16, len: u16, dev: bus::SharedDevice) -> Result<(), DeviceError>;
     /// RAM below and above 4 GiB.
     fn ram(&self) -> (u64, u64);
+    /// The machine file's directory: relative paths are resolved against it.
+    fn base_dir(&self) -> &std::path::Path;
     /// Runtime services of the VM (ioeventfds, MSI vectors, MMIO moves).
     fn vm_handle(&self) -> std::sync::Arc<dyn VmHandle>;
     /// Guest RAM.

@@ -192,3 +192,31 @@ pub fn notify(queue: &mut Queue, mem: &GuestMem, irq: &dyn Irq) {
         Err(_) => irq.trigger(),
     }
 }
+
+/// Helpers for device unit tests: guest memory, descriptors and mock queues.
+#[cfg(test)]
+pub mod testing {
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::GuestAddress;
+
+    use super::GuestMem;
+
+    pub const NEXT: u16 = 1;
+    pub const WRITE: u16 = 2;
+
+    /// 1 MiB of guest memory: rings at the bottom, buffers from 0x10000.
+    pub fn mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// A descriptor (the mock sets NEXT and next for chains it builds).
+    pub fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    /// A descriptor with explicit flags and next (for loops and broken chains).
+    pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+}

@@ -84,24 +84,21 @@ struct Compiled {
     json: Value,
 }
 
+fn compile(json: Value, url: &str) -> Result<Compiled, boon::CompileError> {
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler.add_resource(url, json.clone())?;
+    let index = compiler.compile(url, &mut schemas)?;
+    Ok(Compiled {
+        schemas,
+        index,
+        json,
+    })
+}
+
 fn compiled() -> &'static Compiled {
     static C: OnceLock<Compiled> = OnceLock::new();
-    C.get_or_init(|| {
-        let json = generate();
-        let mut schemas = boon::Schemas::new();
-        let mut compiler = boon::Compiler::new();
-        compiler
-            .add_resource(SCHEMA_URL, json.clone())
-            .expect("the generated schema loads");
-        let index = compiler
-            .compile(SCHEMA_URL, &mut schemas)
-            .expect("the generated schema compiles");
-        Compiled {
-            schemas,
-            index,
-            json,
-        }
-    })
+    C.get_or_init(|| compile(generate(), SCHEMA_URL).expect("the generated schema compiles"))
 }
 
 /// Checks a parsed machine file against the schema; returns one diagnostic per problem.

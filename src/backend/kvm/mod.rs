@@ -153,6 +153,10 @@ impl Machine for Builder<'_> {
         self.ram
     }
 
+    fn base_dir(&self) -> &std::path::Path {
+        &self.base_dir
+    }
+
     fn vm_handle(&self) -> Arc<dyn VmHandle> {
         Arc::new(Handle(self.handle.clone()))
     }
