@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -79,6 +78,13 @@ impl Model {
     }
 }
 
+/// Interrupts are raised by the vring (`signal_used_queue`), not by the shared loop.
+struct NoIrq;
+
+impl crate::devices::Irq for NoIrq {
+    fn trigger(&self) {}
+}
+
 struct Backend {
     model: Model,
     mem: Mutex<Option<Mem>>,
@@ -135,25 +141,27 @@ impl VhostUserBackend for Backend {
         };
         let mem = mem.memory();
         let event_idx = self.event_idx.load(Ordering::SeqCst);
-        loop {
-            let mut state = vring.get_mut();
-            if event_idx {
-                let _ = state.disable_notification();
+        let mut state = vring.get_mut();
+        if !event_idx {
+            if self.model.process(state.get_queue_mut(), &mem) {
+                state.signal_used_queue()?;
             }
-            let used = self.model.process(state.get_queue_mut(), &mem);
-            if used {
-                let notify = !event_idx
-                    || state
-                        .get_queue_mut()
-                        .needs_notification(&*mem)
-                        .unwrap_or(true);
-                if notify {
-                    state.signal_used_queue()?;
-                }
-            }
-            if !event_idx || !state.enable_notification().unwrap_or(false) {
-                break;
-            }
+            return Ok(());
+        }
+        // Same loop as the in-VMM workers; a broken ring is left alone (the front end resets).
+        let mut used_any = false;
+        let ok = crate::devices::virtio::serve_queue(state.get_queue_mut(), &*mem, &NoIrq, |q| {
+            let u = self.model.process(q, &mem);
+            used_any |= u;
+            u
+        });
+        if used_any {
+            state.signal_used_queue()?;
+        }
+        if !ok {
+            log::warn!(
+                "vhost-user: the front end broke queue {device_event}; not serving it until a reset"
+            );
         }
         Ok(())
     }

@@ -122,7 +122,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::devices::virtio::{
     ActivateError, Activation, STOP_TOKEN, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
-    VirtioDevice, Worker, WorkerHandle, drain, notify, read_config_bytes,
+    VirtioDevice, Worker, WorkerHandle, drain, read_config_bytes, serve_queue,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -582,27 +582,27 @@ impl VirtioDevice for Block {
         let Some(q) = a.queues.into_iter().next() else {
             return Err(ActivateError("the request queue is not enabled".into()));
         };
-        let (mem, disk) = (a.mem, self.disk.clone());
+        let (mem, disk, needs_reset) = (a.mem, self.disk.clone(), a.needs_reset);
         self.worker = Some(WorkerHandle::spawn("virtio-blk".into(), move |stop| {
             let Ok(w) = Worker::new(stop) else { return };
             if w.add(q.kick.as_raw_fd(), 0).is_err() {
                 return;
             }
             let (mut queue, kick, irq) = (q.queue, q.kick, q.irq);
+            let mut broken = false;
             loop {
                 if w.wait(-1).contains(&STOP_TOKEN) {
                     return;
                 }
                 drain(&kick);
-                // With EVENT_IDX, re-check after enabling notifications so no request is missed.
-                loop {
-                    let _ = queue.disable_notification(&mem);
-                    if process(&mut queue, &mem, &disk) {
-                        notify(&mut queue, &mem, irq.as_ref());
-                    }
-                    if !queue.enable_notification(&mem).unwrap_or(false) {
-                        break;
-                    }
+                if broken {
+                    continue;
+                }
+                if !serve_queue(&mut queue, &mem, irq.as_ref(), |q| process(q, &mem, &disk)) {
+                    needs_reset.needs_reset(
+                        "the driver broke the request queue (available index or head out of range)",
+                    );
+                    broken = true;
                 }
             }
         })?);

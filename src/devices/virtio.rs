@@ -84,7 +84,8 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     for (i, d) in data.iter_mut().enumerate() {
         *d = usize::try_from(offset)
             .ok()
-            .and_then(|o| cfg.get(o + i))
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o))
             .copied()
             .unwrap_or(0);
     }
@@ -181,6 +182,47 @@ impl Drop for WorkerHandle {
 /// Drains a kick eventfd (the count is irrelevant).
 pub fn drain(evt: &EventFd) {
     let _ = evt.read();
+}
+
+/// Whether the driver broke the ring: its available index runs more than a queue's worth ahead
+/// of the device, or cannot be read. Such a queue is not served again until a reset.
+pub fn ring_broken<M: vm_memory::GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => (avail - std::num::Wrapping(queue.next_avail())).0 > queue.size(),
+        Err(_) => true,
+    }
+}
+
+/// Serves a queue until it is drained: `serve` handles what is available and says whether it
+/// used anything; notifications are re-enabled and re-checked (EVENT_IDX) so no request is
+/// missed. Returns false when the ring is broken (see [`ring_broken`]) or requests are announced
+/// that cannot be taken; the caller then stops serving the queue and asks for a reset.
+pub fn serve_queue<M: vm_memory::GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    irq: &dyn Irq,
+    mut serve: impl FnMut(&mut Queue) -> bool,
+) -> bool {
+    loop {
+        let _ = queue.disable_notification(mem);
+        let used = serve(queue);
+        if used {
+            match queue.needs_notification(mem) {
+                Ok(false) => {}
+                _ => irq.trigger(),
+            }
+        }
+        if ring_broken(queue, mem) {
+            return false;
+        }
+        if !queue.enable_notification(mem).unwrap_or(false) {
+            return true;
+        }
+        if !used {
+            // More is announced, yet nothing could be taken: a bad head index.
+            return false;
+        }
+    }
 }
 
 /// Signals the queue's interrupt if the driver wants one (EVENT_IDX aware).

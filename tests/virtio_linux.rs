@@ -1,0 +1,223 @@
+//! The virtio devices under Linux's own drivers, in vmm, with the Linux test kernel: one boot
+//! checks block (read, write, flush, checksums against the host file), net (ping and TCP over a
+//! real TAP), console (hvc0 both ways over a unix socket) and rng (/dev/hwrng).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::vm::{Machine, Vm, kvm_or_skip};
+use common::{guest_artifacts, root};
+
+/// A TAP interface created for the test with a host address; deleted on drop.
+struct Tap {
+    name: String,
+}
+
+impl Tap {
+    fn new(name: &str, host_cidr: &str) -> Option<Tap> {
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let _ = Command::new("ip").args(["link", "del", name]).output();
+        if !ok(&["tuntap", "add", "dev", name, "mode", "tap"]) {
+            return None;
+        }
+        let t = Tap { name: name.into() };
+        (ok(&["addr", "add", host_cidr, "dev", name]) && ok(&["link", "set", name, "up"]))
+            .then_some(t)
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}
+
+fn sh(vm: &mut Vm, cmd: &str) -> Vec<String> {
+    let start = vm.seen.len();
+    vm.send(&format!("{cmd}\n"));
+    let rc = vm.expect("VMM-RC ");
+    assert_eq!(
+        rc.trim(),
+        "VMM-RC 0",
+        "`{cmd}` failed:\n{}",
+        vm.seen[start..].join("\n")
+    );
+    vm.seen[start..vm.seen.len() - 1]
+        .iter()
+        .filter(|l| !l.starts_with('['))
+        .cloned()
+        .collect()
+}
+
+fn value(lines: &[String], key: &str) -> String {
+    let p = format!("{key}=");
+    lines
+        .iter()
+        .find_map(|l| l.find(&p).map(|i| l[i + p.len()..].trim().to_string()))
+        .unwrap_or_else(|| panic!("no {key}= in {lines:?}"))
+}
+
+#[test]
+fn linux_drivers_use_block_net_console_and_rng() {
+    if !kvm_or_skip("linux_drivers_use_block_net_console_and_rng") {
+        return;
+    }
+    let tap_name = format!("vmmt{}", std::process::id() % 100_000);
+    let Some(_tap) = Tap::new(&tap_name, "10.213.7.1/24") else {
+        common::skip(
+            "linux_drivers_use_block_net_console_and_rng",
+            "cannot create a TAP interface (needs root and /dev/net/tun)",
+        );
+        return;
+    };
+    // A TCP echo server on the TAP's address.
+    let listener = TcpListener::bind("10.213.7.1:7007").unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 256];
+            if let Ok(n) = s.read(&mut buf) {
+                let _ = s.write_all(&buf[..n]);
+            }
+        }
+    });
+
+    let g = guest_artifacts();
+    let cmdline = std::fs::read_to_string(root().join("tests/guest/cmdline.txt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let mut pattern = vec![0u8; 8 << 20];
+    for (i, b) in pattern.iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&image, &pattern).unwrap();
+    let body = format!(
+        r#"initrd = {initrd:?}
+cmdline = "{cmd} vmm_mode=test"
+name = "virtio"
+memory = "96M"
+vcpus = 2
+[[serial]]
+name = "console"
+io = "stdio"
+[[block]]
+name = "disk0"
+path = {image:?}
+serial = "VMM-TEST-DISK"
+[[net]]
+name = "eth0"
+tap = "{tap_name}"
+mac = "52:54:00:12:34:56"
+[[console]]
+name = "hvc"
+io = {{ socket = "hvc.sock" }}
+[[rng]]
+name = "rng0"
+"#,
+        initrd = g.join("initramfs.cpio").display().to_string(),
+        cmd = cmdline.trim(),
+        image = image.display().to_string(),
+    );
+    let m = Machine::new(&g.join("vmlinux"), &body);
+    let sock = m.file.parent().unwrap().join("hvc.sock");
+    let mut vm = Vm::start(&m.file, Duration::from_secs(400), &[]);
+    vm.expect("VMM-READY");
+
+    // Drivers bound: four virtio functions on bus 0.
+    let drivers = sh(
+        &mut vm,
+        "for d in /sys/bus/virtio/devices/*; do read i < $d/device; echo DEV=${d##*/}:$i; done",
+    );
+    let ids: Vec<String> = drivers
+        .iter()
+        .filter(|l| l.starts_with("DEV="))
+        .map(|l| l.rsplit(':').next().unwrap().to_string())
+        .collect();
+    for id in ["0x0001", "0x0002", "0x0003", "0x0004"] {
+        assert!(
+            ids.contains(&id.to_string()),
+            "virtio device {id} missing: {drivers:?}"
+        );
+    }
+
+    // Block: size, serial, the host's pattern, a write the host then sees.
+    let b = sh(
+        &mut vm,
+        "read s < /sys/block/vda/size; echo SIZE=$s; read i < /sys/block/vda/serial; echo SERIAL=$i; dd if=/dev/vda bs=1M count=8 2>/dev/null | md5sum",
+    );
+    assert_eq!(value(&b, "SIZE"), (8 * 2048).to_string());
+    assert_eq!(value(&b, "SERIAL"), "VMM-TEST-DISK");
+    let md5 = Command::new("md5sum").arg(&image).output().unwrap();
+    let host_md5 = String::from_utf8_lossy(&md5.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        b.iter().any(|l| l.starts_with(&host_md5)),
+        "guest read {b:?}, host md5 {host_md5}"
+    );
+    sh(
+        &mut vm,
+        "echo written-by-the-guest > /tmp/w; dd if=/tmp/w of=/dev/vda bs=512 seek=4096 conv=sync,fsync 2>/dev/null",
+    );
+
+    // rng.
+    let r = sh(
+        &mut vm,
+        "read c < /sys/devices/virtual/misc/hw_random/rng_current; echo RNG=$c; dd if=/dev/hwrng bs=16 count=2 2>/dev/null | od -An -tx1",
+    );
+    assert!(value(&r, "RNG").starts_with("virtio_rng"), "{r:?}");
+    assert!(
+        r.iter()
+            .any(|l| l.split_whitespace().count() == 16 && l.split_whitespace().any(|x| x != "00")),
+        "{r:?}"
+    );
+
+    // Console: hvc0 both ways through the socket.
+    let mut c = UnixStream::connect(&sock).expect("console socket");
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"from-the-host\n").unwrap();
+    let hv = sh(
+        &mut vm,
+        "echo to-the-host > /dev/hvc0; read -t 10 l < /dev/hvc0; echo GOT=$l",
+    );
+    assert_eq!(value(&hv, "GOT"), "from-the-host");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&got).contains("to-the-host") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    // Net: the MAC, ping and TCP to the host over the TAP.
+    let n = sh(
+        &mut vm,
+        "read a < /sys/class/net/eth0/address; echo MAC=$a; ip addr add 10.213.7.2/24 dev eth0; ip link set eth0 up; ping -c 3 -W 5 10.213.7.1 | while read l; do case $l in *received*) echo \"PING=$l\";; esac; done; echo hello-over-tcp | nc -w 5 10.213.7.1 7007",
+    );
+    assert_eq!(value(&n, "MAC"), "52:54:00:12:34:56");
+    assert!(value(&n, "PING").contains("3 packets received"), "{n:?}");
+    assert!(
+        n.iter().any(|l| l.contains("hello-over-tcp")),
+        "TCP echo: {n:?}"
+    );
+
+    vm.send("poweroff -f\n");
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+    let disk = std::fs::read(&image).unwrap();
+    assert_eq!(&disk[4096 * 512..4096 * 512 + 20], b"written-by-the-guest");
+}
