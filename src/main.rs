@@ -79,6 +79,46 @@ enum DeviceCmd {
         #[arg(long)]
         rate: Option<vmm::spec::units::ByteSize>,
     },
+    /// virtio-net on a host TAP interface (opened if it exists, created if not). The MAC
+    /// address and link status are the front end's (e.g. QEMU's `-device virtio-net-pci,mac=`).
+    Net {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Host TAP interface, e.g. tap0.
+        #[arg(long)]
+        tap: String,
+    },
+    /// virtio-console (port 0: hvc0 in a Linux guest).
+    Console {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Host end: stdio, none, file=PATH (output appended) or socket=PATH (vmm listens;
+        /// one client reads output and writes input).
+        #[arg(long, default_value = "stdio", value_parser = parse_char_io)]
+        io: vmm::devices::char_io::CharIo,
+    },
+}
+
+/// `--io` of `vmm device console`: the machine file's `io` values, spelt for a command line.
+fn parse_char_io(s: &str) -> Result<vmm::devices::char_io::CharIo, String> {
+    use vmm::devices::char_io::CharIo;
+    use vmm::spec::units::FilePath;
+    let path = |p: &str| -> Result<FilePath, String> {
+        if p.is_empty() {
+            Err("the path is empty".into())
+        } else {
+            Ok(FilePath(p.to_string()))
+        }
+    };
+    match s.split_once('=') {
+        None if s == "stdio" => Ok(CharIo::Stdio),
+        None if s == "none" => Ok(CharIo::None),
+        Some(("file", p)) => Ok(CharIo::File(path(p)?)),
+        Some(("socket", p)) => Ok(CharIo::Socket(path(p)?)),
+        _ => Err(format!(
+            "`{s}` is not stdio, none, file=PATH or socket=PATH"
+        )),
+    }
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -325,21 +365,33 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn device(kind: DeviceCmd) -> ExitCode {
-    use vmm::vhost_user::{Model, serve};
-    let (model, socket) = match kind {
+    use vmm::vhost_user::{BlockModel, ConsoleModel, NetModel, RngModel, Served, serve};
+    let opened: Result<(Box<dyn Served>, PathBuf), String> = match kind {
         DeviceCmd::Block {
             socket,
             path,
             readonly,
             serial,
-        } => match vmm::devices::block::Disk::open(&path, readonly, &serial) {
-            Ok(d) => (Model::block(d), socket),
-            Err(e) => {
-                eprintln!("vmm device block: {e}");
-                return ExitCode::from(EXIT_BAD_FILE);
-            }
-        },
-        DeviceCmd::Rng { socket, rate } => (Model::rng(rate.map(|r| r.bytes())), socket),
+        } => vmm::devices::block::Disk::open(&path, readonly, &serial)
+            .map(|d| (Box::new(BlockModel::new(d)) as Box<dyn Served>, socket))
+            .map_err(|e| e.to_string()),
+        DeviceCmd::Rng { socket, rate } => Ok((
+            Box::new(RngModel::new(rate.map(|r| r.bytes()))) as Box<dyn Served>,
+            socket,
+        )),
+        DeviceCmd::Net { socket, tap } => NetModel::open(&tap)
+            .map(|m| (Box::new(m) as Box<dyn Served>, socket))
+            .map_err(|e| e.to_string()),
+        DeviceCmd::Console { socket, io } => ConsoleModel::open(&io)
+            .map(|m| (Box::new(m) as Box<dyn Served>, socket))
+            .map_err(|e| e.to_string()),
+    };
+    let (model, socket) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm device: {e}");
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
     };
     match serve(model, &socket) {
         Ok(()) => ExitCode::SUCCESS,

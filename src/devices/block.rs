@@ -651,12 +651,8 @@ mod tests {
         (m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), used.len())
     }
 
-    fn rw(
-        kind: u32,
-        sector: u64,
-        len: u32,
-        data_flags: u16,
-    ) -> Vec<virtio_queue::desc::RawDescriptor> {
+    /// Header, one data buffer of `len` bytes, status (the header is written separately).
+    fn rw(len: u32, data_flags: u16) -> Vec<virtio_queue::desc::RawDescriptor> {
         vec![
             desc(HDR, 16, 0),
             desc(DATA, len, data_flags),
@@ -670,19 +666,13 @@ mod tests {
         let (f, d) = disk(false);
         m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
         header(&m, VIRTIO_BLK_T_OUT, 8);
-        assert_eq!(
-            run(&m, &d, &rw(VIRTIO_BLK_T_OUT, 8, 1024, 0)),
-            (VIRTIO_BLK_S_OK, 1)
-        );
+        assert_eq!(run(&m, &d, &rw(1024, 0)), (VIRTIO_BLK_S_OK, 1));
         let on_disk = std::fs::read(f.path()).unwrap();
         assert!(on_disk[4096..5120].iter().all(|&b| b == 0xab));
         assert!(on_disk[5120..6144].iter().all(|&b| b == 0));
         m.write_slice(&[0; 1024], GuestAddress(DATA)).unwrap();
         header(&m, VIRTIO_BLK_T_IN, 8);
-        assert_eq!(
-            run(&m, &d, &rw(VIRTIO_BLK_T_IN, 8, 1024, WRITE)),
-            (VIRTIO_BLK_S_OK, 1025)
-        );
+        assert_eq!(run(&m, &d, &rw(1024, WRITE)), (VIRTIO_BLK_S_OK, 1025));
         let mut back = [0u8; 1024];
         m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
         assert!(back.iter().all(|&b| b == 0xab));
@@ -698,7 +688,7 @@ mod tests {
             VIRTIO_BLK_S_OK
         );
         header(&m, VIRTIO_BLK_T_GET_ID, 0);
-        assert_eq!(run(&m, &d, &rw(0, 0, 20, WRITE)), (VIRTIO_BLK_S_OK, 21));
+        assert_eq!(run(&m, &d, &rw(20, WRITE)), (VIRTIO_BLK_S_OK, 21));
         let mut id = [0u8; 8];
         m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id, b"SERIAL-1");
@@ -712,14 +702,14 @@ mod tests {
         .concat();
         m.write_slice(&seg, GuestAddress(DATA)).unwrap();
         header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        assert_eq!(run(&m, &d, &rw(0, 0, 16, 0)).0, VIRTIO_BLK_S_OK);
+        assert_eq!(run(&m, &d, &rw(16, 0)).0, VIRTIO_BLK_S_OK);
         let on_disk = std::fs::read(f.path()).unwrap();
         assert!(
             on_disk[1024..2048].iter().all(|&b| b == 0)
                 && on_disk[512..1024].iter().all(|&b| b == 1)
         );
         header(&m, VIRTIO_BLK_T_DISCARD, 0);
-        assert_eq!(run(&m, &d, &rw(0, 0, 16, 0)).0, VIRTIO_BLK_S_OK);
+        assert_eq!(run(&m, &d, &rw(16, 0)).0, VIRTIO_BLK_S_OK);
     }
 
     #[test]
@@ -787,11 +777,7 @@ mod tests {
         ];
         for (what, disk, kind, sector, len, flags, want) in cases {
             header(&m, kind, sector);
-            assert_eq!(
-                run(&m, disk, &rw(kind, sector, len, flags)).0,
-                want,
-                "{what}"
-            );
+            assert_eq!(run(&m, disk, &rw(len, flags)).0, want, "{what}");
         }
         // Data outside guest memory.
         header(&m, VIRTIO_BLK_T_IN, 0);

@@ -147,6 +147,8 @@ pub trait VmHandle: Send + Sync {
 /// What a device gets from the VM it is built into. The KVM backend implements it; device code
 /// never sees KVM.
 pub trait Machine {
+    /// The machine's name (as in the machine file); devices derive defaults from it.
+    fn machine_name(&self) -> &str;
     /// The interrupt line of an IOAPIC pin (ISA IRQs are identity-mapped; devices may share).
     fn irq_line(&mut self, pin: u8) -> Result<std::sync::Arc<dyn Irq>, DeviceError>;
     fn vm_control(&self) -> std::sync::Arc<dyn VmControl>;

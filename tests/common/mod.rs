@@ -83,4 +83,6 @@ pub fn guest_artifacts() -> PathBuf {
     }
     dir
 }
+pub mod qemu;
+pub mod tap;
 pub mod vm;

@@ -108,6 +108,7 @@ impl Irq for IrqFd {
 /// The VM as devices see it while they are built.
 struct Builder<'a> {
     vm: &'a VmFd,
+    machine: &'a str,
     handle: Arc<KvmHandle>,
     mem: GuestMem,
     pci: Arc<Mutex<PciRoot>>,
@@ -122,6 +123,10 @@ struct Builder<'a> {
 }
 
 impl Machine for Builder<'_> {
+    fn machine_name(&self) -> &str {
+        self.machine
+    }
+
     fn irq_line(&mut self, pin: u8) -> Result<Arc<dyn Irq>, DeviceError> {
         if u32::from(pin) >= IOAPIC_PINS {
             return Err(DeviceError(format!("IOAPIC pin {pin} does not exist")));
@@ -260,6 +265,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
     let root = Arc::new(Mutex::new(PciRoot::new()));
     let mut b = Builder {
         vm: &vm,
+        machine: &graph.machine,
         handle: handle.clone(),
         mem: mem.clone(),
         pci: root.clone(),
