@@ -236,3 +236,71 @@ fn a_full_host_disk_is_an_io_error_not_a_crash() {
         );
     }
 }
+
+/// A disk image that is not there stops `vmm up` before any VM exists: exit 2, the resolved
+/// path in the message.
+#[test]
+fn a_missing_image_is_exit_2_before_the_vm_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("gone.img");
+    let (code, out, err) = Vm::start(
+        &machine(&image, "mode=verify records=1 start=0").file,
+        Duration::from_secs(30),
+        &[],
+    )
+    .finish();
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("{} does not exist", image.display())),
+        "{err}"
+    );
+    assert!(out.is_empty(), "the guest ran: {out}");
+}
+
+/// An image on a read-only file system: refused (exit 2, with the fix in the message) unless the
+/// machine file says `readonly = true`, in which case the guest reads it.
+#[test]
+fn an_image_on_a_read_only_file_system_needs_readonly() {
+    let test = "an_image_on_a_read_only_file_system_needs_readonly";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("ro");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = |args: &[&str]| {
+        std::process::Command::new("mount")
+            .args(args)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !mount(&["-t", "tmpfs", "-o", "size=2m", "tmpfs"]) {
+        common::skip(test, "cannot mount a tmpfs (needs root)");
+        return;
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let image = mnt.join("disk.img");
+    let mut data: Vec<u8> = (0..8).flat_map(record).collect();
+    data.resize(1 << 20, 0);
+    std::fs::write(&image, &data).unwrap();
+    assert!(mount(&["-o", "remount,ro"]), "remounting read-only");
+
+    let rw = machine(&image, "mode=verify records=8 start=0");
+    let (code, out, err) = Vm::start(&rw.file, Duration::from_secs(30), &[]).finish();
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(err.contains("is not writable"), "{err}");
+    assert!(err.contains("readonly = true"), "the fix is named: {err}");
+
+    let text = std::fs::read_to_string(&rw.file).unwrap() + "readonly = true\n";
+    std::fs::write(&rw.file, text).unwrap();
+    let (code, out, err) = Vm::start(&rw.file, Duration::from_secs(30), &[]).finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("OK 8"), "the guest read every record: {out}");
+}

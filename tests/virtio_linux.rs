@@ -44,7 +44,7 @@ fn linux_drivers_use_block_net_console_and_rng() {
         return;
     }
     let tap_name = Tap::unique_name("vmmt");
-    let Some(_tap) = Tap::new(&tap_name, "10.213.7.1/24") else {
+    let Some(tap) = Tap::new(&tap_name, "10.213.7.1/24") else {
         common::skip(
             "linux_drivers_use_block_net_console_and_rng",
             "cannot create a TAP interface (needs root and /dev/net/tun)",
@@ -183,6 +183,20 @@ name = "rng0"
     assert!(
         n.iter().any(|l| l.contains("hello-over-tcp")),
         "TCP echo: {n:?}"
+    );
+
+    // The TAP is deleted under the running VM: the guest's link goes down (configuration
+    // interrupt), and the VM keeps answering.
+    drop(tap);
+    let c = sh(
+        &mut vm,
+        "for i in 1 2 3 4 5 6 7 8 9 10; do read c < /sys/class/net/eth0/carrier; [ $c = 0 ] && break; sleep 1; done; echo CARRIER=$c",
+    );
+    assert_eq!(value(&c, "CARRIER"), "0", "{c:?}");
+    assert!(
+        vm.stderr().contains(&format!("TAP {tap_name}")),
+        "vmm says what happened to the TAP: {}",
+        vm.stderr()
     );
 
     vm.send("poweroff -f\n");

@@ -101,10 +101,17 @@ impl Vm {
         });
         let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let e2 = err.clone();
+        // Appended as it comes, so a running VM's log can be checked.
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            e2.lock().unwrap().push_str(&s);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                e2.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
         });
         let stdin = child.stdin.take();
         Vm {
