@@ -176,7 +176,9 @@ impl<'a> Driver<'a> {
             return false;
         };
         let hdr = GuestAddress(HDRS + u64::from(slot) * 16);
-        self.mem.write_obj(offset / 512, hdr.unchecked_add(8)).unwrap();
+        self.mem
+            .write_obj(offset / 512, hdr.unchecked_add(8))
+            .unwrap();
         let ring = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
         self.mem.write_obj(slot * 3, ring).unwrap();
         fence(Ordering::SeqCst);

@@ -138,9 +138,8 @@ fn guest_to_host(tap: &Tap, host: &OwnedFd, secs: f64) {
         let mut buf = vec![0u8; 2048];
         while !s2.load(Ordering::Relaxed) {
             // SAFETY: recv into a buffer we own, of its length.
-            let n = unsafe {
-                libc::recv(host_fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n =
+                unsafe { libc::recv(host_fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n == FRAME as isize {
                 r2.fetch_add(1, Ordering::Relaxed);
             }
@@ -151,13 +150,7 @@ fn guest_to_host(tap: &Tap, host: &OwnedFd, secs: f64) {
     let (t0, mut sent) = (Instant::now(), 0u64);
     while t0.elapsed().as_secs_f64() < secs {
         let free = QSIZE - idx.wrapping_sub(seen);
-        offer(
-            &mem,
-            &mut idx,
-            free,
-            hdr_and_frame.len() as u32,
-            0,
-        );
+        offer(&mem, &mut idx, free, hdr_and_frame.len() as u32, 0);
         let o = tx(&mut q, &mem, Some(tap.as_fd()), 256);
         sent += o.packets;
         seen = used_idx(&mem);

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::vm::{Machine, Vm, kvm_or_skip};
+use common::vm::{Machine, Vm, kvm_or_skip, sh, value};
 use common::{guest_artifacts, root};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
@@ -31,33 +31,6 @@ io = "stdio"
         cmdline.trim()
     );
     Machine::new(&g.join("vmlinux"), &body)
-}
-
-/// Runs one command in the guest and returns the lines it printed before `VMM-RC 0`.
-fn sh(vm: &mut Vm, cmd: &str) -> Vec<String> {
-    let start = vm.seen.len();
-    vm.send(&format!("{cmd}\n"));
-    let rc = vm.expect("VMM-RC ");
-    assert_eq!(
-        rc.trim(),
-        "VMM-RC 0",
-        "`{cmd}` failed:\n{}",
-        vm.seen[start..].join("\n")
-    );
-    vm.seen[start..vm.seen.len() - 1]
-        .iter()
-        .filter(|l| !l.starts_with('['))
-        .cloned()
-        .collect()
-}
-
-/// The value printed as `KEY=value` by a command.
-fn value(lines: &[String], key: &str) -> String {
-    let p = format!("{key}=");
-    lines
-        .iter()
-        .find_map(|l| l.find(&p).map(|i| l[i + p.len()..].trim().to_string()))
-        .unwrap_or_else(|| panic!("no {key}= in {lines:?}"))
 }
 
 #[test]

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::qemu::{self, Backend, sh};
+use common::qemu::{self, Backend};
 use common::skip;
 use common::tap::{Tap, echo_server};
+use common::vm::sh;
 
 const LIMIT: Duration = Duration::from_secs(180);
 const IMAGE_SIZE: u64 = 64 << 20;

@@ -10,33 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::tap::{Tap, echo_server};
-use common::vm::{Machine, Vm, kvm_or_skip};
+use common::vm::{Machine, Vm, kvm_or_skip, sh, value};
 use common::{guest_artifacts, root};
-
-fn sh(vm: &mut Vm, cmd: &str) -> Vec<String> {
-    let start = vm.seen.len();
-    vm.send(&format!("{cmd}\n"));
-    let rc = vm.expect("VMM-RC ");
-    assert_eq!(
-        rc.trim(),
-        "VMM-RC 0",
-        "`{cmd}` failed:\n{}",
-        vm.seen[start..].join("\n")
-    );
-    vm.seen[start..vm.seen.len() - 1]
-        .iter()
-        .filter(|l| !l.starts_with('['))
-        .cloned()
-        .collect()
-}
-
-fn value(lines: &[String], key: &str) -> String {
-    let p = format!("{key}=");
-    lines
-        .iter()
-        .find_map(|l| l.find(&p).map(|i| l[i + p.len()..].trim().to_string()))
-        .unwrap_or_else(|| panic!("no {key}= in {lines:?}"))
-}
 
 #[test]
 fn linux_drivers_use_block_net_console_and_rng() {

@@ -67,7 +67,16 @@ use std::sync::{Arc, Mutex};
 /// many bytes the device took (a full FIFO takes fewer; the caller retries later).
 pub trait CharInput: Send + Sync {
     fn push(&self, bytes: &[u8]) -> usize;
+    /// A periodic look (every [`UNSTICK_PERIOD`] while the VM runs) for a device whose
+    /// interrupt was lost: if it made no progress since the last look while the guest waits
+    /// for it, the device raises its interrupt again. Interrupts are edges; one lost while the
+    /// guest masked the line would otherwise stop the device for good (a real UART's level
+    /// line stays asserted).
+    fn unstick(&self) {}
 }
+
+/// How often the VM's main loop calls [`CharInput::unstick`].
+pub const UNSTICK_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CharIoError {

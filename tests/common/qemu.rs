@@ -9,12 +9,11 @@
 //! QEMU does not pass end-of-input to the guest, so a test ends the guest with [`poweroff`]
 //! (or `send("poweroff -f\n")`) before `finish()`.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::vm::Vm;
+use super::vm::{Vm, die_with_parent};
 use super::{root, skip, text};
 
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -58,19 +57,6 @@ pub fn artifacts() -> PathBuf {
     dir
 }
 
-/// Makes a child die with the thread that spawned it (a test that panics leaks nothing).
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// The QEMU command line for the guest in `dir` plus `extra` arguments (devices).
 ///
 /// q35, one vCPU, TCG; 256 MiB of shared memfd memory (vhost-user backends map it); no default
@@ -92,7 +78,6 @@ pub fn command(dir: &Path, extra: &[&str]) -> Command {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    die_with_parent(&mut cmd);
     cmd
 }
 
@@ -104,25 +89,6 @@ pub fn start(test: &str, extra: &[&str], limit: Duration) -> Option<Vm> {
     }
     let dir = artifacts();
     Some(Vm::spawn(command(&dir, extra), limit))
-}
-
-/// Runs one command in the guest and returns the lines it printed (kernel messages, which start
-/// with `[`, left out); panics unless it answers `VMM-RC 0`.
-pub fn sh(vm: &mut Vm, cmd: &str) -> Vec<String> {
-    let start = vm.seen.len();
-    vm.send(&format!("{cmd}\n"));
-    let rc = vm.expect("VMM-RC ");
-    assert_eq!(
-        rc.trim(),
-        "VMM-RC 0",
-        "`{cmd}` failed:\n{}",
-        vm.seen[start..].join("\n")
-    );
-    vm.seen[start..vm.seen.len() - 1]
-        .iter()
-        .filter(|l| !l.starts_with('['))
-        .cloned()
-        .collect()
 }
 
 /// Powers the guest off and waits for QEMU to exit; returns (exit code, stdout, stderr).

@@ -2,6 +2,7 @@
 //! collected by a reader thread, and a watchdog so no test can hang.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
@@ -84,6 +85,7 @@ impl Vm {
     }
 
     pub fn spawn(mut cmd: Command, limit: Duration) -> Vm {
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("vmm starts");
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
@@ -197,5 +199,57 @@ impl Vm {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+}
+
+/// Runs one command in a guest that speaks the test protocol of tests/guest/init and returns
+/// the lines it printed (kernel messages, which start with `[`, left out); panics unless it
+/// answers `VMM-RC 0`.
+pub fn sh(vm: &mut Vm, cmd: &str) -> Vec<String> {
+    let start = vm.seen.len();
+    vm.send(&format!("{cmd}\n"));
+    let rc = vm.expect("VMM-RC ");
+    assert_eq!(
+        rc.trim(),
+        "VMM-RC 0",
+        "`{cmd}` failed:\n{}",
+        vm.seen[start..].join("\n")
+    );
+    vm.seen[start..vm.seen.len() - 1]
+        .iter()
+        .filter(|l| !l.starts_with('['))
+        .cloned()
+        .collect()
+}
+
+/// The value a command printed as `KEY=value`.
+pub fn value(lines: &[String], key: &str) -> String {
+    let p = format!("{key}=");
+    lines
+        .iter()
+        .find_map(|l| l.find(&p).map(|i| l[i + p.len()..].trim().to_string()))
+        .unwrap_or_else(|| panic!("no {key}= in {lines:?}"))
+}
+
+/// A test that fails leaves no VM running: the child is killed with its `Vm`.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Makes a child die with the thread that spawned it (a test that panics leaks nothing).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -119,6 +119,8 @@ struct Builder<'a> {
     base_dir: PathBuf,
     ram: (u64, u64),
     stdin: Option<Arc<dyn CharInput>>,
+    /// Every character device's input side (the main loop's periodic `unstick`).
+    inputs: Vec<Arc<dyn CharInput>>,
     sockets: Vec<SocketGuard>,
 }
 
@@ -198,6 +200,7 @@ impl Machine for Builder<'_> {
         if *io == CharIo::Stdio {
             self.stdin = Some(input.clone());
         }
+        self.inputs.push(input.clone());
         let (out, guard) =
             char_io::open(io, &self.base_dir, input).map_err(|e| DeviceError(e.to_string()))?;
         self.sockets.extend(guard);
@@ -276,6 +279,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         base_dir: graph.base_dir.clone(),
         ram: (below, graph.memory - below),
         stdin: None,
+        inputs: Vec::new(),
         sockets: Vec::new(),
     };
     let platform: [(u64, u64, SharedDevice, &str); 2] = [
@@ -322,6 +326,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
     let Builder {
         pio,
         stdin,
+        inputs,
         sockets,
         ..
     } = b;
@@ -376,7 +381,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         let _raw = stdin
             .as_ref()
             .and_then(|_| RawMode::enter(libc::STDIN_FILENO));
-        wait(&exit, &sigfd, stdin.as_deref(), _raw.is_some());
+        wait(&exit, &sigfd, stdin.as_deref(), &inputs, _raw.is_some());
         stop_vcpus(&exit, threads);
     }
     drop(sockets);
@@ -417,11 +422,18 @@ fn stop_vcpus(exit: &ExitState, threads: Vec<std::thread::JoinHandle<()>>) {
 }
 
 /// Waits for the outcome while serving signals and terminal input.
-fn wait(exit: &ExitState, sigfd: &SignalFd, stdin: Option<&dyn CharInput>, tty: bool) {
+fn wait(
+    exit: &ExitState,
+    sigfd: &SignalFd,
+    stdin: Option<&dyn CharInput>,
+    inputs: &[Arc<dyn CharInput>],
+    tty: bool,
+) {
     use std::os::fd::AsRawFd;
     let mut decoder = EscapeDecoder::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut stdin_open = stdin.is_some();
+    let mut next_look = Instant::now() + char_io::UNSTICK_PERIOD;
     loop {
         if exit.outcome().is_some() {
             return;
@@ -431,6 +443,12 @@ fn wait(exit: &ExitState, sigfd: &SignalFd, stdin: Option<&dyn CharInput>, tty: 
                 let n = input.push(&pending);
                 pending.drain(..n);
             }
+        }
+        if Instant::now() >= next_look {
+            for i in inputs {
+                i.unstick();
+            }
+            next_look = Instant::now() + char_io::UNSTICK_PERIOD;
         }
         let mut fds = vec![
             libc::pollfd {
@@ -452,7 +470,14 @@ fn wait(exit: &ExitState, sigfd: &SignalFd, stdin: Option<&dyn CharInput>, tty: 
                 revents: 0,
             });
         }
-        let timeout = if pending.is_empty() { -1 } else { 10 };
+        let until_look = next_look
+            .saturating_duration_since(Instant::now())
+            .as_millis() as i32;
+        let timeout = if pending.is_empty() {
+            until_look.max(1)
+        } else {
+            until_look.clamp(1, 10)
+        };
         // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {

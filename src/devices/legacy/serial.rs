@@ -103,11 +103,7 @@ impl DeviceSpec for SerialSpec {
         let irq = m.irq_line(irqs[0])?;
         let (port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
         let out = m.open_char(&self.io, Arc::new(input))?;
-        *port
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .writer_mut() = out;
+        port.set_output(out);
         m.add_pio(ports[0].0, ports[0].1, Arc::new(Mutex::new(port)))
     }
 }
@@ -136,52 +132,117 @@ impl Trigger for IrqTrigger {
 
 type Uart = Serial<IrqTrigger, NoEvents, CharOut>;
 
+/// The UART and what the watchdog ([`CharInput::unstick`]) needs to see progress.
+struct Shared {
+    uart: Uart,
+    /// Guest writes of the transmit register and reads of the receive register so far.
+    thr_writes: u64,
+    rbr_reads: u64,
+    /// Both counters at the watchdog's last look.
+    seen: (u64, u64),
+}
+
+fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A 16550A UART (vm-superio's model) on the I/O port bus.
-pub struct SerialPort(Arc<Mutex<Uart>>);
+pub struct SerialPort(Arc<Mutex<Shared>>);
 
 /// The input side of a [`SerialPort`], for stdin or a socket client.
-pub struct SerialInput(Arc<Mutex<Uart>>);
+pub struct SerialInput(Arc<Mutex<Shared>>);
 
 impl SerialPort {
     pub fn new(irq: Arc<dyn Irq>, out: CharOut) -> (SerialPort, SerialInput) {
-        let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(irq), out)));
-        (SerialPort(uart.clone()), SerialInput(uart))
+        let shared = Arc::new(Mutex::new(Shared {
+            uart: Serial::new(IrqTrigger(irq), out),
+            thr_writes: 0,
+            rbr_reads: 0,
+            seen: (0, 0),
+        }));
+        (SerialPort(shared.clone()), SerialInput(shared))
+    }
+
+    /// Where the guest's output goes.
+    pub fn set_output(&self, out: CharOut) {
+        *lock(&self.0).uart.writer_mut() = out;
     }
 }
+
+/// Register offsets and bits the watchdog looks at (16550).
+const DATA: u8 = 0;
+const IER: u8 = 1;
+const IIR: u8 = 2;
+const LCR_DLAB: u8 = 0x80;
+const IER_RDA: u8 = 0x01;
+const IER_THRI: u8 = 0x02;
+const IIR_THRE: u8 = 0x02;
 
 impl BusDevice for SerialPort {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if offset < 8 {
-            data[0] = self
-                .0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read(offset as u8);
+            let mut s = lock(&self.0);
+            let dlab = s.uart.state().line_control & LCR_DLAB != 0;
+            if offset == u64::from(DATA) && !dlab {
+                s.rbr_reads += 1;
+            }
+            data[0] = s.uart.read(offset as u8);
         }
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset < 8 {
+            let mut s = lock(&self.0);
+            if offset == u64::from(DATA) && s.uart.state().line_control & LCR_DLAB == 0 {
+                s.thr_writes += 1;
+            }
             // Output errors (a closed stdout) lose output, never the VM.
-            let _ = self
-                .0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(offset as u8, data[0]);
+            let _ = s.uart.write(offset as u8, data[0]);
         }
     }
 }
 
 impl CharInput for SerialInput {
     fn push(&self, bytes: &[u8]) -> usize {
-        let mut uart = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let room = uart.fifo_capacity();
+        let mut s = lock(&self.0);
+        let room = s.uart.fifo_capacity();
         let n = bytes.len().min(room);
         if n == 0 {
             return 0;
         }
-        uart.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
+        s.uart.enqueue_raw_bytes(&bytes[..n]).unwrap_or(0)
+    }
+
+    /// The model latches an interrupt cause in IIR and raises the line only when the cause is
+    /// new, so one lost edge (the guest masked the IOAPIC pin at that moment) would stop input
+    /// or output for good. When input waits with the receive interrupt enabled, or the
+    /// transmit interrupt is enabled and latched, and the guest has not touched the data
+    /// register since the last look, the latch is cleared and the causes raised again.
+    fn unstick(&self) {
+        let mut s = lock(&self.0);
+        let progress = (s.thr_writes, s.rbr_reads);
+        let moved = progress != s.seen;
+        s.seen = progress;
+        if moved {
+            return;
+        }
+        let st = s.uart.state();
+        if st.line_control & LCR_DLAB != 0 {
+            return;
+        }
+        let rx_stuck = st.interrupt_enable & IER_RDA != 0 && !st.in_buffer.is_empty();
+        let tx_stuck =
+            st.interrupt_enable & IER_THRI != 0 && st.interrupt_identification & IIR_THRE != 0;
+        if rx_stuck || tx_stuck {
+            log::debug!(
+                "serial: no progress with {} pending; raising its interrupt again",
+                if rx_stuck { "input" } else { "output" }
+            );
+            // Reading IIR clears the latch; rewriting IER raises every enabled pending cause.
+            let _ = s.uart.read(IIR);
+            let _ = s.uart.write(IER, st.interrupt_enable);
+        }
     }
 }
 
@@ -196,6 +257,58 @@ mod tests {
         fn trigger(&self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_stuck_interrupt_is_raised_again_only_without_progress() {
+        let irq = Arc::new(Count::default());
+        let (mut port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
+        let n = || irq.0.load(Ordering::SeqCst);
+        port.write(0x3f8, 1, &[0x01]); // IER: data available
+        // Nothing waiting: nothing raised.
+        input.unstick();
+        let base = n();
+        input.unstick();
+        assert_eq!(n(), base);
+        // Input waits, its cause latched (the edge "lost"): the first look sees no progress
+        // since the last one and raises it again; the data stays.
+        assert_eq!(input.push(b"ab"), 2);
+        let before = n();
+        input.unstick();
+        assert_eq!(n(), before + 1);
+        assert_eq!(
+            64 - lock(&input.0).uart.fifo_capacity(),
+            2,
+            "the data stays"
+        );
+        // The guest reads a byte: progress, nothing raised at the next look.
+        let mut b = [0u8; 1];
+        port.read(0x3f8, 0, &mut b);
+        assert_eq!(b[0], b'a');
+        let before = n();
+        input.unstick();
+        assert_eq!(n(), before);
+        // No progress again: raised.
+        input.unstick();
+        assert_eq!(n(), before + 1);
+        // Receive interrupt disabled (the guest throttles input): not raised.
+        port.write(0x3f8, 1, &[0x00]);
+        input.unstick();
+        let before = n();
+        input.unstick();
+        assert_eq!(n(), before);
+        // Transmit interrupt enabled and latched with no transmit since: raised.
+        port.write(0x3f8, 1, &[0x02]);
+        input.unstick();
+        let before = n();
+        input.unstick();
+        assert_eq!(n(), before + 1);
+        // DLAB set: offset 1 is the divisor latch, left alone.
+        port.write(0x3f8, 3, &[0x80]);
+        input.unstick();
+        let before = n();
+        input.unstick();
+        assert_eq!(n(), before);
     }
 
     #[test]

@@ -1021,7 +1021,11 @@ mod tests {
     fn features_the_device_does_not_offer_are_refused() {
         let t = setup();
         t.negotiate(VIRTIO_F_VERSION_1 | 1 | (1 << 5));
-        assert_eq!(t.status() & STATUS_FEATURES_OK, 0, "FEATURES_OK must not stick");
+        assert_eq!(
+            t.status() & STATUS_FEATURES_OK,
+            0,
+            "FEATURES_OK must not stick"
+        );
         let t = setup();
         t.negotiate(1); // no VERSION_1: a legacy driver
         assert_eq!(t.status() & STATUS_FEATURES_OK, 0);
@@ -1046,7 +1050,11 @@ mod tests {
         assert_eq!(t.r(0x20, 8), 0x1000, "descriptor table");
         t.driver_ok();
         assert_eq!(t.activations.load(Ordering::SeqCst), 1);
-        assert_eq!(t.queues_seen.load(Ordering::SeqCst), 1, "only the enabled queue");
+        assert_eq!(
+            t.queues_seen.load(Ordering::SeqCst),
+            1,
+            "only the enabled queue"
+        );
         // After DRIVER_OK nothing of queue 1 can change either.
         t.w(0x16, 1, 2);
         t.w(0x18, 4, 2);
