@@ -15,6 +15,44 @@ fn machine(image: &std::path::Path, cmdline: &str) -> Machine {
     Machine::new(&tiny("blk"), &body)
 }
 
+/// A tmpfs of `size` mounted for one test (needs root); unmounted on drop.
+struct Tmpfs {
+    _dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("fs");
+        std::fs::create_dir(&mnt).unwrap();
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+            .then_some(Tmpfs { _dir: dir, mnt })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.mnt
+    }
+
+    fn remount_read_only(&self) -> bool {
+        std::process::Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
 /// The record the guest writes to sector `i` (see blk.c).
 fn record(i: u64) -> Vec<u8> {
     let mut r = vec![0u8; 512];
@@ -175,28 +213,14 @@ fn a_full_host_disk_is_an_io_error_not_a_crash() {
     if !kvm_or_skip("a_full_host_disk_is_an_io_error_not_a_crash") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
+    let Some(fs) = Tmpfs::mount("64k") else {
         common::skip(
             "a_full_host_disk_is_an_io_error_not_a_crash",
             "cannot mount a small tmpfs (needs root)",
         );
         return;
-    }
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    };
+    let mnt = fs.path();
     // A sparse 4 MiB image on a 64 KiB file system: writing 400 records (200 KiB) runs out.
     let image = mnt.join("disk.img");
     std::fs::File::create(&image)
@@ -265,32 +289,16 @@ fn an_image_on_a_read_only_file_system_needs_readonly() {
     if !kvm_or_skip(test) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("ro");
-    std::fs::create_dir(&mnt).unwrap();
-    let mount = |args: &[&str]| {
-        std::process::Command::new("mount")
-            .args(args)
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !mount(&["-t", "tmpfs", "-o", "size=2m", "tmpfs"]) {
+    let Some(fs) = Tmpfs::mount("2m") else {
         common::skip(test, "cannot mount a tmpfs (needs root)");
         return;
-    }
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    };
+    let mnt = fs.path();
     let image = mnt.join("disk.img");
     let mut data: Vec<u8> = (0..8).flat_map(record).collect();
     data.resize(1 << 20, 0);
     std::fs::write(&image, &data).unwrap();
-    assert!(mount(&["-o", "remount,ro"]), "remounting read-only");
+    assert!(fs.remount_read_only(), "remounting read-only");
 
     let rw = machine(&image, "mode=verify records=8 start=0");
     let (code, out, err) = Vm::start(&rw.file, Duration::from_secs(30), &[]).finish();

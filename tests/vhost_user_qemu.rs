@@ -38,6 +38,34 @@ fn read_at(file: &Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// Has the guest write the 1 MiB pattern at OFFSET of /dev/vda with fsync (the device gets a
+/// FLUSH), then calls `flushed` (the host looks at the image while the guest runs), then reads
+/// the range back from the device, not the page cache, and compares checksums in the guest.
+fn write_flush_read_back(vm: &mut common::vm::Vm, flushed: impl FnOnce()) {
+    let blocks = (1 << 20) / 4096;
+    let seek = OFFSET / 4096;
+    sh(
+        vm,
+        &format!(
+            "awk 'BEGIN {{ for (i = 0; i < {PATTERN_LINES}; i++) printf \"%063d\\n\", i }}' > /tmp/pattern"
+        ),
+    );
+    sh(
+        vm,
+        &format!(
+            "dd if=/tmp/pattern of=/dev/vda bs=4096 seek={seek} count={blocks} conv=fsync 2>/dev/null"
+        ),
+    );
+    flushed();
+    sh(vm, "echo 3 > /proc/sys/vm/drop_caches");
+    sh(
+        vm,
+        &format!(
+            "w=$(sha256sum < /tmp/pattern); r=$(dd if=/dev/vda bs=4096 skip={seek} count={blocks} 2>/dev/null | sha256sum); [ \"$w\" = \"$r\" ]"
+        ),
+    );
+}
+
 #[test]
 fn stock_linux_reads_and_writes_a_vhost_user_blk_disk() {
     let test = "vhost_user_qemu::stock_linux_reads_and_writes_a_vhost_user_blk_disk";
@@ -96,30 +124,8 @@ fn stock_linux_reads_and_writes_a_vhost_user_blk_disk() {
     assert_eq!(size, [(IMAGE_SIZE / 512).to_string()], "size of /dev/vda");
     sh(&mut vm, "[ -b /dev/vda ]");
 
-    // Write the pattern at OFFSET, flushed to the device, then read it back from the device
-    // (not the page cache) and compare checksums in the guest.
-    let blocks = (1 << 20) / 4096;
-    let seek = OFFSET / 4096;
-    sh(
-        &mut vm,
-        &format!(
-            "awk 'BEGIN {{ for (i = 0; i < {PATTERN_LINES}; i++) printf \"%063d\\n\", i }}' > /tmp/pattern"
-        ),
-    );
-    sh(
-        &mut vm,
-        &format!(
-            "dd if=/tmp/pattern of=/dev/vda bs=4096 seek={seek} count={blocks} conv=fsync 2>/dev/null"
-        ),
-    );
-    sh(&mut vm, "echo 3 > /proc/sys/vm/drop_caches");
-    let sums = sh(
-        &mut vm,
-        &format!(
-            "w=$(sha256sum < /tmp/pattern); r=$(dd if=/dev/vda bs=4096 skip={seek} count={blocks} 2>/dev/null | sha256sum); echo \"written $w\"; echo \"read $r\"; [ \"$w\" = \"$r\" ]"
-        ),
-    );
-    eprintln!("guest checksums: {sums:?}");
+    // The pattern written and flushed, read back from the device.
+    write_flush_read_back(&mut vm, || {});
 
     let (code, out, err) = qemu::poweroff(vm);
     assert_eq!(
@@ -232,32 +238,13 @@ fn stock_linux_drives_vmm_device_block_net_and_rng() {
     assert_eq!(size, [(IMAGE_SIZE / 512).to_string()], "size of /dev/vda");
     let serial = sh(&mut vm, "read s < /sys/block/vda/serial; echo $s");
     assert_eq!(serial, ["VMM-VHOST-DISK"]);
-    let blocks = (1 << 20) / 4096;
-    let seek = OFFSET / 4096;
-    sh(
-        &mut vm,
-        &format!(
-            "awk 'BEGIN {{ for (i = 0; i < {PATTERN_LINES}; i++) printf \"%063d\\n\", i }}' > /tmp/pattern"
-        ),
-    );
-    sh(
-        &mut vm,
-        &format!(
-            "dd if=/tmp/pattern of=/dev/vda bs=4096 seek={seek} count={blocks} conv=fsync 2>/dev/null"
-        ),
-    );
-    // Flushed: in the host file now, while the guest still runs.
-    assert!(
-        read_at(&img, OFFSET, 1 << 20) == pattern(),
-        "the image does not hold the flushed pattern"
-    );
-    sh(&mut vm, "echo 3 > /proc/sys/vm/drop_caches");
-    sh(
-        &mut vm,
-        &format!(
-            "w=$(sha256sum < /tmp/pattern); r=$(dd if=/dev/vda bs=4096 skip={seek} count={blocks} 2>/dev/null | sha256sum); [ \"$w\" = \"$r\" ]"
-        ),
-    );
+    // Flushed: in the host file as soon as the guest's fsync returned, while it still runs.
+    write_flush_read_back(&mut vm, || {
+        assert!(
+            read_at(&img, OFFSET, 1 << 20) == pattern(),
+            "the image does not hold the flushed pattern"
+        );
+    });
 
     // rng: the driver is the current hwrng and reads are not all zero.
     let cur = sh(
