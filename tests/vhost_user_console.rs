@@ -211,3 +211,51 @@ fn vmm_device_console_moves_bytes_both_ways_over_vhost_user() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// Bad `vmm device` options are exit 2 with a message that names the problem, before any
+/// socket exists.
+#[test]
+fn bad_device_options_are_exit_2_with_the_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("s.sock");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .arg("device")
+            .args(args)
+            .arg("--socket")
+            .arg(&sock)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["console", "--io", "tty"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`tty` is not stdio, none, file=PATH or socket=PATH"),
+        "{err}"
+    );
+    let (code, err) = run(&["console", "--io", "file="]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the path is empty"), "{err}");
+    let missing = tmp.path().join("nope.img");
+    let (code, err) = run(&["block", "--path", &missing.display().to_string()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot open disk image {}", missing.display())),
+        "{err}"
+    );
+    let (code, err) = run(&["net", "--tap", "a/b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("a/b"), "{err}");
+    let (code, err) = run(&[
+        "console",
+        "--io",
+        &format!("socket={}", tmp.path().join("no/such/dir/c.sock").display()),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("Cannot listen on socket"), "{err}");
+    assert!(!sock.exists(), "no vhost-user socket was created");
+}

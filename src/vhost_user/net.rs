@@ -15,7 +15,7 @@ use virtio_queue::QueueT;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use super::{Ctx, Listeners, ServeError, Served, signal};
+use super::{Ctx, Listeners, Served, signal};
 use crate::devices::net::{
     FEATURES, NetState, RX_QUEUE, RxOffloads, RxStop, TX_QUEUE, Tap, TxStop, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_STATUS, rx, tx,
@@ -41,16 +41,8 @@ pub struct NetModel {
 impl NetModel {
     /// Opens (or creates) TAP `name`.
     pub fn open(name: &str) -> Result<NetModel, crate::devices::DeviceError> {
+        // Tap::open logs whether it opened or created the interface.
         let tap = Tap::open(name)?;
-        log::info!(
-            "{} TAP {}",
-            if tap.created() {
-                "created"
-            } else {
-                "opened existing"
-            },
-            tap.name()
-        );
         // No offloaded frames until the front end says what the driver accepted.
         let _ = tap.set_offload(0);
         Ok(NetModel {
@@ -203,9 +195,6 @@ impl Served for NetModel {
         {
             log::warn!("TAP {}: cannot set offloads: {e}", self.tap.name());
         }
-    }
-    fn start(&self, _l: &Listeners) -> Result<(), ServeError> {
-        Ok(())
     }
     fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()> {
         match event {

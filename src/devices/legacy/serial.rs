@@ -142,6 +142,14 @@ struct Shared {
     seen: (u64, u64),
 }
 
+impl Shared {
+    /// Whether the divisor latch is selected (offsets 0 and 1 are then the divisor). Reading
+    /// LCR has no side effect; `state()` would copy the FIFO on every data register access.
+    fn dlab(&mut self) -> bool {
+        self.uart.read(LCR) & LCR_DLAB != 0
+    }
+}
+
 fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -173,6 +181,7 @@ impl SerialPort {
 const DATA: u8 = 0;
 const IER: u8 = 1;
 const IIR: u8 = 2;
+const LCR: u8 = 3;
 const LCR_DLAB: u8 = 0x80;
 const IER_RDA: u8 = 0x01;
 const IER_THRI: u8 = 0x02;
@@ -183,8 +192,7 @@ impl BusDevice for SerialPort {
         data.fill(0xff);
         if offset < 8 {
             let mut s = lock(&self.0);
-            let dlab = s.uart.state().line_control & LCR_DLAB != 0;
-            if offset == u64::from(DATA) && !dlab {
+            if offset == u64::from(DATA) && !s.dlab() {
                 s.rbr_reads += 1;
             }
             data[0] = s.uart.read(offset as u8);
@@ -194,7 +202,7 @@ impl BusDevice for SerialPort {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset < 8 {
             let mut s = lock(&self.0);
-            if offset == u64::from(DATA) && s.uart.state().line_control & LCR_DLAB == 0 {
+            if offset == u64::from(DATA) && !s.dlab() {
                 s.thr_writes += 1;
             }
             // Output errors (a closed stdout) lose output, never the VM.
