@@ -13,6 +13,7 @@ pub mod backend;
 pub mod devices;
 pub mod diag;
 pub mod graph;
+pub mod reconcile;
 pub mod spec;
 pub mod validate;
 pub mod vhost_user;
@@ -35,6 +36,11 @@ pub struct Checked {
 pub fn check_file(path: &Path) -> Result<Checked, Report> {
     let loaded = spec::load_file(path)?;
     check_loaded(loaded)
+}
+
+/// [`check_file`] on bytes already read from `path`.
+pub fn check_bytes(path: &Path, bytes: Vec<u8>) -> Result<Checked, Report> {
+    check_loaded(spec::load_bytes(path, bytes)?)
 }
 
 /// Validates and lowers an already loaded machine file.

@@ -1,6 +1,6 @@
 //! The `vmm` command line. Exit codes: 0 success, 1 runtime failure, 2 bad machine file.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -40,14 +40,48 @@ enum Command {
         format: Format,
     },
     /// Show what changes from one machine file to another, and which a running VM can take.
+    /// With one file: what applying it to the running VM of that machine would do.
     Plan {
         old: PathBuf,
-        new: PathBuf,
+        new: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+        /// The running VM's control socket (default: derived from the machine's name).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Boot the machine with its console on this terminal. While it runs, saving the file
+    /// applies the edit to the VM (hot-plugging NICs); see docs/hotplug.md.
+    Up {
+        file: PathBuf,
+        /// Do not follow edits of the file (`vmm apply` still works).
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Show a running VM's devices, hotplug slots and pending unplugs.
+    Status {
+        /// The machine's name or file (default: the only running VM).
+        machine: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
     },
-    /// Boot the machine with its console on this terminal.
-    Up { file: PathBuf },
+    /// Apply a machine file to its running VM now (as saving it does).
+    Apply {
+        file: PathBuf,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Stop a running VM.
+    Stop {
+        /// The machine's name or file (default: the only running VM).
+        machine: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Serve one device model as a vhost-user backend on a unix socket (until the VMM disconnects).
     Device {
         #[command(subcommand)]
@@ -139,8 +173,30 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Graph { file, format } => graph(&file, format),
-        Command::Plan { old, new, format } => plan(&old, &new, format),
-        Command::Up { file } => up(&file),
+        Command::Plan {
+            old,
+            new: Some(new),
+            format,
+            ..
+        } => plan(&old, &new, format),
+        Command::Plan {
+            old,
+            new: None,
+            format,
+            socket,
+        } => remote_edit(&old, socket, format, false),
+        Command::Apply {
+            file,
+            socket,
+            format,
+        } => remote_edit(&file, socket, format, true),
+        Command::Status {
+            machine,
+            socket,
+            format,
+        } => status(machine.as_deref(), socket, format),
+        Command::Stop { machine, socket } => stop(machine.as_deref(), socket),
+        Command::Up { file, no_watch } => up(&file, !no_watch),
         Command::Device { kind } => device(kind),
     }
 }
@@ -316,7 +372,194 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn up(file: &Path) -> ExitCode {
+/// Prints reconciler reports on stderr, where the terminal (in raw mode while the guest
+/// console runs) needs "\r\n".
+fn reporter() -> Box<dyn FnMut(&str) + Send> {
+    let tty = std::io::stderr().is_terminal();
+    Box::new(move |line: &str| {
+        let nl = if tty { "\r\n" } else { "\n" };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "vmm: {line}{nl}");
+    })
+}
+
+/// The control socket to talk to: `--socket`, the socket of a machine named on the command
+/// line (or of the machine a file names), or the only one there is.
+fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf, String> {
+    use vmm::reconcile::control;
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(m) = machine {
+        let p = Path::new(m);
+        if p.is_file() {
+            let loaded = vmm::spec::load_file(p).map_err(|r| {
+                format!(
+                    "cannot tell which VM runs {m}: the file does not load:\n{}",
+                    r.render(false, 100)
+                )
+            })?;
+            return Ok(control::socket_path(&loaded.spec.name.to_string()));
+        }
+        return Ok(control::socket_path(m));
+    }
+    let dir = control::runtime_dir();
+    let mut socks: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    socks.sort();
+    match socks.len() {
+        1 => Ok(socks.remove(0)),
+        0 => Err(format!(
+            "no running VM has a control socket in {}",
+            dir.display()
+        )),
+        _ => Err(format!(
+            "several VMs run ({}): name one",
+            socks
+                .iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+fn call_vm(
+    socket: &Path,
+    req: &vmm::reconcile::control::Request,
+) -> Result<serde_json::Value, ExitCode> {
+    vmm::reconcile::control::call(socket, req).map_err(|e| {
+        eprintln!("vmm: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
+/// `vmm plan FILE` and `vmm apply FILE`: the running VM checks and plans the file itself.
+fn remote_edit(file: &Path, socket: Option<PathBuf>, format: Format, apply: bool) -> ExitCode {
+    use vmm::reconcile::control::Request;
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmm: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    let sock = match find_socket(Some(&file.display().to_string()), socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_BAD_FILE);
+        }
+    };
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let req = if apply {
+        Request::Apply { path, text }
+    } else {
+        Request::Plan { path, text }
+    };
+    let answer = match call_vm(&sock, &req) {
+        Ok(a) => a,
+        Err(c) => return c,
+    };
+    if format == Format::Json {
+        println!("{answer}");
+    } else if let Some(t) = answer["text"].as_str() {
+        println!("{t}");
+    }
+    match answer["status"].as_str() {
+        Some("invalid") => ExitCode::from(EXIT_BAD_FILE),
+        Some("error") => ExitCode::from(EXIT_RUNTIME),
+        Some("needs-restart") if apply => ExitCode::from(EXIT_RUNTIME),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> ExitCode {
+    let sock = match find_socket(machine, socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let a = match call_vm(&sock, &vmm::reconcile::control::Request::Status) {
+        Ok(a) => a,
+        Err(c) => return c,
+    };
+    if format == Format::Json {
+        println!("{a}");
+        return ExitCode::SUCCESS;
+    }
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    println!("machine {} ({})", s(&a["machine"]), s(&a["file"]));
+    println!("devices");
+    for d in a["devices"].as_array().into_iter().flatten() {
+        let place = match (d["slot"].as_u64(), d["hotplug"].as_bool()) {
+            (Some(n), Some(true)) => format!("hotplug slot {n}"),
+            (Some(n), _) => format!("slot {n}"),
+            _ => "legacy".to_string(),
+        };
+        let mut st = s(&d["state"]);
+        if let Some(secs) = d["pending_seconds"].as_f64() {
+            st = format!("{st} ({secs:.1} s)");
+        }
+        if let Some(e) = d["error"].as_str() {
+            st = format!("{st}: {e}");
+        }
+        println!(
+            "  {:<8} {:<14} {:<16} {st}",
+            s(&d["kind"]),
+            format!("{:?}", s(&d["name"])),
+            place
+        );
+    }
+    let slots: Vec<String> = a["hotplug_slots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| match h["device"].as_str() {
+            Some(dev) => format!("{} {} ({dev})", h["slot"], s(&h["state"])),
+            None => format!("{} {}", h["slot"], s(&h["state"])),
+        })
+        .collect();
+    println!(
+        "hotplug slots: {} free of {}: {}",
+        a["hotplug_free"],
+        slots.len(),
+        if slots.is_empty() {
+            "none".to_string()
+        } else {
+            slots.join(", ")
+        }
+    );
+    let pending = a["pending_unplugs"].as_array().map_or(0, Vec::len);
+    println!("pending unplugs: {pending}");
+    ExitCode::SUCCESS
+}
+
+fn stop(machine: Option<&str>, socket: Option<PathBuf>) -> ExitCode {
+    let sock = match find_socket(machine, socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match call_vm(&sock, &vmm::reconcile::control::Request::Stop) {
+        Ok(a) => {
+            println!("{}", a["text"].as_str().unwrap_or("stopping"));
+            ExitCode::SUCCESS
+        }
+        Err(c) => c,
+    }
+}
+
+fn up(file: &Path, watch: bool) -> ExitCode {
     use vmm::backend::kvm::{self, Outcome};
     let t = std::time::Instant::now();
     let checked = match vmm::check_file(file) {
@@ -329,7 +572,22 @@ fn up(file: &Path) -> ExitCode {
     emit(&checked.warnings, Format::Human);
     log::debug!("machine file checked in {:?}", t.elapsed());
     let g = &checked.graph;
-    match kvm::run(g) {
+    let path = file.to_path_buf();
+    let follow = checked.clone();
+    let socket = vmm::reconcile::control::socket_path(&g.machine);
+    let start = move |live: std::sync::Arc<kvm::LiveVm>| -> Option<kvm::Guard> {
+        let eject_to = live.clone();
+        let (l, tx) = if watch {
+            vmm::reconcile::Live::start(live, &path, follow, Some(socket), reporter())
+        } else {
+            vmm::reconcile::Live::start_without_watch(live, &path, follow, Some(socket), reporter())
+        };
+        eject_to.on_eject(Box::new(move |bits| {
+            let _ = tx.send(vmm::reconcile::Event::Ejected(bits));
+        }));
+        Some(Box::new(l))
+    };
+    match kvm::run_with(g, start) {
         Ok(r) => {
             let secs = r.elapsed.as_secs_f64();
             let (what, code) = match &r.outcome {

@@ -12,6 +12,9 @@ memory = "64M"
 vcpus = 4
 kernel = "vmlinux"
 
+[pci]
+hotplug_slots = 2
+
 [[serial]]
 name = "s1"
 port = "com1"
@@ -167,12 +170,32 @@ fn iasl_disassembles_every_table_cleanly() {
                 "PNP0303",
                 "Device (MOU)",
                 "PNP0F13",
+                // PCI hotplug: the registers, one ejectable slot device per hotplug slot,
+                // the event device and the method it runs.
+                "OperationRegion (PHPR, SystemIO, 0x0610, 0x10)",
+                "Device (S1E)",
+                "Device (S1F)",
+                "Name (_ADR, 0x001F0000)",
+                "Name (_SUN, 0x1F)",
+                "Method (_EJ0, 1",
+                "PCEJ (0x1F)",
+                "B0EJ = (One << Arg0)",
+                "Local0 = PCIU",
+                "Method (PCNT, 0, Serialized)",
+                "Notify (S1F, One)",
+                "Notify (S1F, 0x03)",
+                "ACPI0013",
+                "Method (_EVT, 1, Serialized)",
+                "\\_SB.PCI0.PCNT ()",
             ] {
                 assert!(dsl.contains(want), "the DSDT has no {want}:\n{dsl}");
             }
         }
         if sig == "APIC" {
             assert_eq!(dsl.matches("Processor Local APIC").count(), 4, "{dsl}");
+        }
+        if sig == "DSDT" {
+            assert!(!dsl.contains("Device (S1D)"), "slot 29 is static:\n{dsl}");
         }
     }
 }

@@ -68,6 +68,13 @@ impl Bus {
         self.ranges.remove(&base).map(|(_, d)| d)
     }
 
+    /// Unmaps every range of `dev`, wherever the guest moved it; returns how many.
+    pub fn remove_device(&mut self, dev: &SharedDevice) -> usize {
+        let before = self.ranges.len();
+        self.ranges.retain(|_, (_, d)| !Arc::ptr_eq(d, dev));
+        before - self.ranges.len()
+    }
+
     /// The device covering `addr..addr + size`, with its range base.
     fn find(&self, addr: u64, size: usize) -> Option<(u64, &SharedDevice)> {
         let (&b, (l, d)) = self.ranges.range(..=addr).next_back()?;

@@ -9,6 +9,7 @@ pub mod block;
 pub mod bus;
 pub mod char_io;
 pub mod console;
+pub mod hotplug;
 pub mod legacy;
 pub mod net;
 pub mod pci;

@@ -108,7 +108,20 @@ pub fn plan(
     old_graph: &DeviceGraph,
     new: &ValidSpec,
 ) -> Result<(Plan, DeviceGraph), Diags> {
-    let new_graph = lower_with(new, &old_graph.hints())?;
+    plan_avoiding(old, old_graph, new, &Default::default())
+}
+
+/// [`plan`] for a running VM that is still emptying the slots in `avoid`: new devices go
+/// elsewhere while other hotplug slots are free.
+pub fn plan_avoiding(
+    old: &ValidSpec,
+    old_graph: &DeviceGraph,
+    new: &ValidSpec,
+    avoid: &std::collections::BTreeSet<u8>,
+) -> Result<(Plan, DeviceGraph), Diags> {
+    let mut hints = old_graph.hints();
+    hints.avoid = avoid.clone();
+    let new_graph = lower_with(new, &hints)?;
     let mut changes = Vec::new();
     machine_changes(old, new, &mut changes);
     device_changes(old, old_graph, new, &new_graph, &mut changes);

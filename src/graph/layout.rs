@@ -32,6 +32,11 @@ pub const PCI_CONFIG_PIO: (u16, u16) = (0xcf8, 8);
 pub const ACPI_PM_PIO: (u16, u16) = (0x600, 8);
 /// ACPI system control interrupt.
 pub const SCI_IRQ: u8 = 9;
+/// The PCI hotplug controller's registers (devices/hotplug.rs), on machines with hotplug slots.
+pub const PCI_HOTPLUG_PIO: (u16, u16) = (0x610, 16);
+/// The IOAPIC pin of the Generic Event Device that announces hotplug events (edge, active
+/// high; above the ISA range, so no legacy device can claim it).
+pub const HOTPLUG_IRQ: u8 = 16;
 
 /// Number of slots on PCI bus 0.
 pub const PCI_SLOTS: u8 = 32;

@@ -122,6 +122,8 @@ pub struct DeviceGraph {
     pub boot: Boot,
     pub platform_pio: Vec<PlatformPio>,
     pub sci_irq: u8,
+    /// The hotplug event interrupt (GED), when the machine has hotplug slots.
+    pub hotplug_irq: Option<u8>,
     pub pci_slots: Vec<PciSlotNode>,
     /// Legacy devices by first port, then PCI devices by slot.
     pub devices: Vec<DeviceNode>,
@@ -173,6 +175,9 @@ impl DeviceGraph {
 pub struct Hints {
     pub pci: HashMap<String, u8>,
     pub pio: HashMap<String, &'static str>,
+    /// Slots a running VM is still emptying (the guest has not released their device): new
+    /// devices go elsewhere while another hotplug slot is free.
+    pub avoid: std::collections::BTreeSet<u8>,
 }
 
 /// Lowers a valid spec with no placements to keep.
@@ -371,8 +376,13 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
     // 3. The rest, in name order: hot-pluggable kinds into hotplug slots first.
     let static_free =
         |occ: &[Option<String>]| (1..hotplug_first).find(|&s| occ[s as usize].is_none());
-    let hotplug_free =
-        |occ: &[Option<String>]| (hotplug_first..PCI_SLOTS).find(|&s| occ[s as usize].is_none());
+    let hotplug_free = |occ: &[Option<String>]| {
+        let free = |s: &u8| occ[*s as usize].is_none();
+        (hotplug_first..PCI_SLOTS)
+            .filter(free)
+            .find(|s| !hints.avoid.contains(s))
+            .or_else(|| (hotplug_first..PCI_SLOTS).find(free))
+    };
     // Devices that found no slot, reported together: (pointer, device).
     let mut homeless: Vec<(&String, &AnyDevice)> = Vec::new();
     for (ptr, d, _, _) in &pci {
@@ -474,6 +484,25 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         })
         .collect();
 
+    let mut platform_pio = vec![
+        PlatformPio {
+            name: "acpi-pm",
+            base: ACPI_PM_PIO.0,
+            len: ACPI_PM_PIO.1,
+        },
+        PlatformPio {
+            name: "pci-config",
+            base: PCI_CONFIG_PIO.0,
+            len: PCI_CONFIG_PIO.1,
+        },
+    ];
+    if spec.pci.hotplug_slots > 0 {
+        platform_pio.push(PlatformPio {
+            name: "pci-hotplug",
+            base: PCI_HOTPLUG_PIO.0,
+            len: PCI_HOTPLUG_PIO.1,
+        });
+    }
     Ok(DeviceGraph {
         machine: spec.name.to_string(),
         vcpus: spec.vcpus,
@@ -485,19 +514,9 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
             initrd: spec.initrd.clone(),
             cmdline: spec.cmdline.clone(),
         },
-        platform_pio: vec![
-            PlatformPio {
-                name: "acpi-pm",
-                base: ACPI_PM_PIO.0,
-                len: ACPI_PM_PIO.1,
-            },
-            PlatformPio {
-                name: "pci-config",
-                base: PCI_CONFIG_PIO.0,
-                len: PCI_CONFIG_PIO.1,
-            },
-        ],
+        platform_pio,
         sci_irq: SCI_IRQ,
+        hotplug_irq: (spec.pci.hotplug_slots > 0).then_some(HOTPLUG_IRQ),
         pci_slots,
         devices: nodes,
         base_dir: loaded.base_dir.clone(),

@@ -130,6 +130,9 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
 
     writeln!(o, "\ninterrupts")?;
     let mut irqs: Vec<(u8, String)> = vec![(g.sci_irq, "acpi-sci".into())];
+    if let Some(i) = g.hotplug_irq {
+        irqs.push((i, "pci-hotplug (acpi ged)".into()));
+    }
     for d in &g.devices {
         if let Placement::Pio {
             irqs: is, label, ..

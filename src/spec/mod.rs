@@ -132,25 +132,35 @@ impl Loaded {
 /// Reads and type-checks a machine file. A file that cannot be read gives a report without
 /// spans.
 pub fn load_file(path: &Path) -> Result<Loaded, Report> {
-    let name = path.display().to_string();
-    let text = match std::fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => {
-                let valid = e.utf8_error().valid_up_to();
-                let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
-                let d = Diag::error("vmm::syntax", "The machine file is not valid UTF-8")
-                    .label(valid..valid + 1, "invalid byte");
-                return Err(Report::new(&name, text, vec![d]));
-            }
-        },
+    match std::fs::read(path) {
+        Ok(bytes) => load_bytes(path, bytes),
         Err(e) => {
             let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
             let d = Diag::error(
                 "vmm::io",
                 format!("Cannot read machine file {}: {e}", abs.display()),
             );
-            return Err(Report::new(&name, String::new(), vec![d]));
+            Err(Report::new(
+                &path.display().to_string(),
+                String::new(),
+                vec![d],
+            ))
+        }
+    }
+}
+
+/// Type-checks the bytes of the machine file at `path` (read by the caller: a watcher that
+/// already holds them must not read the file twice).
+pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Result<Loaded, Report> {
+    let name = path.display().to_string();
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let d = Diag::error("vmm::syntax", "The machine file is not valid UTF-8")
+                .label(valid..valid + 1, "invalid byte");
+            return Err(Report::new(&name, text, vec![d]));
         }
     };
     let base_dir = std::path::absolute(path)

@@ -281,8 +281,11 @@ impl Aml for IrqNoFlags {
 
 /// DSDT: the PCI host bridge and motherboard resources, the legacy devices and \_S5_.
 fn dsdt(graph: &DeviceGraph) -> Result<Vec<u8>, AcpiError> {
-    let mut sb = pci_host_bridge();
+    let mut sb = pci_host_bridge(graph);
     sb.extend(motherboard_resources());
+    if let Some(irq) = graph.hotplug_irq {
+        sb.extend(hotplug_event_device(irq));
+    }
     let mut names = std::collections::BTreeSet::new();
     for d in &graph.devices {
         for (name, dev) in legacy_device(d)? {
@@ -315,8 +318,122 @@ fn dsdt(graph: &DeviceGraph) -> Result<Vec<u8>, AcpiError> {
     Ok(seal(t.as_slice().to_vec()))
 }
 
-/// \_SB_.PCI0: the PCIe host bridge of segment 0, bus 0.
-fn pci_host_bridge() -> Vec<u8> {
+/// Already serialized AML.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The hotplug part of \_SB_.PCI0 (see devices/hotplug.rs for the registers):
+///
+/// ```text
+/// OperationRegion (PHPR, SystemIO, 0x610, 16)
+/// Field (PHPR, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32, PCIP, 32 }
+/// Mutex (BLCK, 0)
+/// Method (PCEJ, 1) { Acquire (BLCK, 0xffff); B0EJ = 1 << Arg0; Release (BLCK) }
+/// Device (S1C_) { Name (_ADR, 0x1c0000); Name (_SUN, 28); Method (_EJ0, 1) { PCEJ (28) } }
+/// …one device per hotplug slot…
+/// Method (PCNT) { Acquire (BLCK, 0xffff); Local0 = PCIU; Local1 = PCID; Release (BLCK)
+///                 If (Local0 & (1 << 28)) { Notify (S1C_, 1) }    // device check: rescan
+///                 If (Local1 & (1 << 28)) { Notify (S1C_, 3) } …  // eject request
+/// }
+/// ```
+fn pci_hotplug(graph: &DeviceGraph) -> Vec<Raw> {
+    let slots: Vec<u8> = graph.hotplug_slots().map(|s| s.slot).collect();
+    if slots.is_empty() || graph.hotplug_irq.is_none() {
+        return Vec::new();
+    }
+    let name = |slot: u8| format!("S{slot:02X}_");
+    let (base, len) = layout::PCI_HOTPLUG_PIO;
+    let mut out = vec![
+        Raw(
+            aml::OpRegion::new("PHPR".into(), aml::OpRegionSpace::SystemIO, &base, &len).to_bytes(),
+        ),
+        Raw(aml::Field::new(
+            "PHPR".into(),
+            aml::FieldAccessType::DWord,
+            aml::FieldLockRule::NoLock,
+            aml::FieldUpdateRule::WriteAsZeroes,
+            vec![
+                aml::FieldEntry::Named(*b"PCIU", 32),
+                aml::FieldEntry::Named(*b"PCID", 32),
+                aml::FieldEntry::Named(*b"B0EJ", 32),
+                aml::FieldEntry::Named(*b"PCIP", 32),
+            ],
+        )
+        .to_bytes()),
+        Raw(aml::Mutex::new("BLCK".into(), 0).to_bytes()),
+        Raw(aml::Method::new(
+            "PCEJ".into(),
+            1,
+            false,
+            vec![
+                &aml::Acquire::new("BLCK".into(), 0xffff),
+                &aml::ShiftLeft::new(&aml::Path::new("B0EJ"), &aml::ONE, &aml::Arg(0)),
+                &aml::Release::new("BLCK".into()),
+            ],
+        )
+        .to_bytes()),
+    ];
+    for &slot in &slots {
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        let call = aml::MethodCall::new("PCEJ".into(), vec![&sun]);
+        out.push(Raw(aml::Device::new(
+            name(slot).as_str().into(),
+            vec![
+                &aml::Name::new("_ADR".into(), &adr),
+                &aml::Name::new("_SUN".into(), &sun),
+                &aml::Method::new("_EJ0".into(), 1, false, vec![&call]),
+            ],
+        )
+        .to_bytes()));
+    }
+    let mut body: Vec<Raw> = vec![
+        Raw(aml::Acquire::new("BLCK".into(), 0xffff).to_bytes()),
+        Raw(aml::Store::new(&aml::Local(0), &aml::Path::new("PCIU")).to_bytes()),
+        Raw(aml::Store::new(&aml::Local(1), &aml::Path::new("PCID")).to_bytes()),
+        Raw(aml::Release::new("BLCK".into()).to_bytes()),
+    ];
+    for &slot in &slots {
+        let bit = 1u32 << slot;
+        let dev = aml::Path::new(&name(slot));
+        for (local, code) in [(0u8, 1u8), (1, 3)] {
+            let pending = aml::Local(local);
+            let test = aml::And::new(&aml::ZERO, &pending, &bit);
+            let notify = aml::Notify::new(&dev, &code);
+            body.push(Raw(aml::If::new(&test, vec![&notify]).to_bytes()));
+        }
+    }
+    let body: Vec<&dyn Aml> = body.iter().map(|r| r as &dyn Aml).collect();
+    out.push(Raw(
+        aml::Method::new("PCNT".into(), 0, true, body).to_bytes()
+    ));
+    out
+}
+
+/// \_SB_.GED0: the Generic Event Device whose interrupt says "look at the hotplug registers".
+fn hotplug_event_device(irq: u8) -> Vec<u8> {
+    let int = aml::Interrupt::new(true, true, false, false, u32::from(irq));
+    let crs = aml::ResourceTemplate::new(vec![&int]);
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Method::new("_EVT".into(), 1, true, vec![&scan]),
+        ],
+    )
+    .to_bytes()
+}
+
+/// \_SB_.PCI0: the PCIe host bridge of segment 0, bus 0, with its hotplug slots.
+fn pci_host_bridge(graph: &DeviceGraph) -> Vec<u8> {
     let bus = AddressSpace::<u16>::new_bus_number(0, 0);
     let config = aml::IO::new(
         PCI_CONFIG_FIRST,
@@ -334,18 +451,16 @@ fn pci_host_bridge() -> Vec<u8> {
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &config, &io_low, &io_high, &mmio]);
-    aml::Device::new(
-        "PCI0".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_SEG".into(), &aml::ZERO),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &aml::Name::new("_CRS".into(), &crs),
-        ],
-    )
-    .to_bytes()
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let hotplug = pci_hotplug(graph);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &seg, &uid, &bbn, &crs];
+    children.extend(hotplug.iter().map(|r| r as &dyn Aml));
+    aml::Device::new("PCI0".into(), children).to_bytes()
 }
 
 /// \_SB_.MRES: reserves the ECAM window as a motherboard resource. Linux uses the MCFG's ECAM

@@ -13,6 +13,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod handle;
+pub mod live;
 pub mod memory;
 pub mod vcpu;
 
@@ -28,15 +29,18 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::terminal::{EscapeDecoder, RawMode};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::char_io::{self, CharInput, CharIo, CharOut, SocketGuard};
+use crate::devices::hotplug::{Hotplug, HotplugPorts};
 use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot, SharedFunction};
 use crate::devices::platform::AcpiPm;
 use crate::devices::virtio::GuestMem;
 use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::graph::DeviceGraph;
 use crate::graph::layout::{
-    ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START,
+    ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_HOTPLUG_PIO,
 };
 use handle::{Handle, IOAPIC_PINS, KvmHandle};
+pub use live::LiveVm;
+use live::{Plugged, attach_pci};
 pub use vcpu::Outcome;
 use vcpu::{ExitState, VcpuShared};
 
@@ -122,6 +126,7 @@ struct Builder<'a> {
     /// Every character device's input side (the main loop's periodic `unstick`).
     inputs: Vec<Arc<dyn CharInput>>,
     sockets: Vec<SocketGuard>,
+    plugged: HashMap<u8, Plugged>,
 }
 
 impl Machine for Builder<'_> {
@@ -179,16 +184,21 @@ impl Machine for Builder<'_> {
         bar: (u64, u64),
         bar_device: SharedDevice,
     ) -> Result<(), DeviceError> {
-        let mut root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
-        if slot == 0 || root.occupied(slot) {
-            return Err(DeviceError(format!("PCI slot {slot} is taken")));
-        }
-        self.mmio
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(bar.0, bar.1, bar_device)
-            .map_err(|e| DeviceError(e.to_string()))?;
-        root.plug(slot, function);
+        attach_pci(
+            &self.pci,
+            &self.mmio,
+            slot,
+            function.clone(),
+            bar,
+            bar_device.clone(),
+        )?;
+        self.plugged.insert(
+            slot,
+            Plugged {
+                function,
+                bar_device,
+            },
+        );
         Ok(())
     }
 
@@ -210,6 +220,18 @@ impl Machine for Builder<'_> {
 
 /// Builds and runs the machine; returns when the VM has ended and every vCPU thread is gone.
 pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
+    run_with(graph, |_| None)
+}
+
+/// What [`run_with`]'s caller keeps alive while the VM runs (dropped when it ends).
+pub type Guard = Box<dyn std::any::Any>;
+
+/// [`run`], handing the running VM to `on_start` once its vCPUs run; what it returns is
+/// dropped when the VM has ended, before the devices are.
+pub fn run_with(
+    graph: &DeviceGraph,
+    on_start: impl FnOnce(Arc<LiveVm>) -> Option<Guard>,
+) -> Result<RunReport, VmError> {
     let started = Instant::now();
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     for (cap, name) in [
@@ -266,6 +288,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         .map(|r| r.size)
         .sum();
     let root = Arc::new(Mutex::new(PciRoot::new()));
+    let root_for_live = root.clone();
     let mut b = Builder {
         vm: &vm,
         machine: &graph.machine,
@@ -281,6 +304,7 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         stdin: None,
         inputs: Vec::new(),
         sockets: Vec::new(),
+        plugged: HashMap::new(),
     };
     let platform: [(u64, u64, SharedDevice, &str); 2] = [
         (
@@ -302,6 +326,30 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
             source: DeviceError(e.to_string()),
         })?;
     }
+    let hotplug = match graph.hotplug_irq {
+        Some(pin) => {
+            let irq = b.irq_line(pin).map_err(|source| VmError::Device {
+                name: "pci-hotplug".into(),
+                source,
+            })?;
+            let slots = graph.hotplug_slots().fold(0u32, |m, s| {
+                m | 1u32.checked_shl(u32::from(s.slot)).unwrap_or(0)
+            });
+            let hp = Hotplug::new(slots, irq);
+            b.pio
+                .insert(
+                    u64::from(PCI_HOTPLUG_PIO.0),
+                    u64::from(PCI_HOTPLUG_PIO.1),
+                    Arc::new(Mutex::new(HotplugPorts(hp.clone()))),
+                )
+                .map_err(|e| VmError::Device {
+                    name: "pci-hotplug".into(),
+                    source: DeviceError(e.to_string()),
+                })?;
+            Some(hp)
+        }
+        None => None,
+    };
     b.mmio
         .write()
         .unwrap_or_else(|e| e.into_inner())
@@ -328,8 +376,27 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         stdin,
         inputs,
         sockets,
+        plugged,
+        ram,
         ..
     } = b;
+    if let Some(hp) = &hotplug {
+        for &slot in plugged.keys() {
+            hp.set_present(slot);
+        }
+    }
+    let live = Arc::new(LiveVm {
+        machine: graph.machine.clone(),
+        base_dir: graph.base_dir.clone(),
+        ram,
+        handle: handle.clone(),
+        mem: mem.clone(),
+        pci: root_for_live,
+        mmio: mmio.clone(),
+        exit: exit.clone(),
+        hotplug,
+        plugged: Mutex::new(plugged),
+    });
 
     // vCPUs: CPU state for all, boot registers for the first. The others wait for INIT/SIPI.
     let template = cpu::CpuTemplate::new(&kvm, graph.vcpus, &graph.cpu_hide)?;
@@ -381,7 +448,13 @@ pub fn run(graph: &DeviceGraph) -> Result<RunReport, VmError> {
         let _raw = stdin
             .as_ref()
             .and_then(|_| RawMode::enter(libc::STDIN_FILENO));
+        let guard = if threads.len() == graph.vcpus as usize {
+            on_start(live)
+        } else {
+            None
+        };
         wait(&exit, &sigfd, stdin.as_deref(), &inputs, _raw.is_some());
+        drop(guard);
         stop_vcpus(&exit, threads);
     }
     drop(sockets);

@@ -17,7 +17,7 @@ mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cd "$here"   # sources are named relative to here, which keeps paths out of the output
 
-pvh_guests=(hello-pvh reset pciscan rtc echo spin triple-fault bad-fetch)
+pvh_guests=(hello-pvh reset pciscan rtc echo spin triple-fault bad-fetch hotplug)
 elf64_guests=(hello-elf64 cpuid)
 c_guests=(blk)
 

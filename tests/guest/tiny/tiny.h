@@ -32,6 +32,16 @@
 #define PCI_ENABLE      0x80000000
 #define PCI_ECAM_BASE   0xe0000000
 
+/*
+ * PCI hotplug controller (no ACPI): 32-bit registers, 4-byte in/out only; bit n of
+ * each bitmap is slot (device number) n on bus 0.
+ */
+#define HOTPLUG_BASE    0x610
+#define HOTPLUG_UP      (HOTPLUG_BASE + 0x0)    /* read: newly inserted slots; read clears */
+#define HOTPLUG_DOWN    (HOTPLUG_BASE + 0x4)    /* read: slots to be removed; read clears */
+#define HOTPLUG_EJECT   (HOTPLUG_BASE + 0x8)    /* write: slots the guest has released */
+#define HOTPLUG_PRESENT (HOTPLUG_BASE + 0xc)    /* read: occupied hotplug slots */
+
 /* CMOS RTC */
 #define RTC_INDEX       0x70
 #define RTC_DATA        0x71

@@ -1,0 +1,261 @@
+//! The running VM as its owner (the reconciler) sees it: plug a device into a hotplug slot,
+//! ask the guest to release one, remove it once released, stop the VM.
+//!
+//! Every call here runs on the owner's thread with no bus lock held: it takes the PCI root,
+//! then the MMIO bus, each briefly (lock order: bus, then device — never the other way).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::char_io::{CharInput, CharIo, CharOut};
+use crate::devices::hotplug::Hotplug;
+use crate::devices::pci::{PciRoot, SharedFunction};
+use crate::devices::virtio::GuestMem;
+use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
+use crate::graph::{DeviceNode, Placement};
+
+use super::handle::{Handle, KvmHandle};
+use super::vcpu::{ExitState, Outcome};
+
+/// A function plugged into a slot: what removing it must unmap.
+pub(super) struct Plugged {
+    pub function: SharedFunction,
+    pub bar_device: SharedDevice,
+}
+
+/// Plugs a function into bus 0 and maps its BAR; the slot must be empty.
+pub(super) fn attach_pci(
+    pci: &Mutex<PciRoot>,
+    mmio: &RwLock<Bus>,
+    slot: u8,
+    function: SharedFunction,
+    bar: (u64, u64),
+    bar_device: SharedDevice,
+) -> Result<(), DeviceError> {
+    let mut root = pci.lock().unwrap_or_else(|e| e.into_inner());
+    if slot == 0 || root.occupied(slot) {
+        return Err(DeviceError(format!("PCI slot {slot} is taken")));
+    }
+    mmio.write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(bar.0, bar.1, bar_device)
+        .map_err(|e| {
+            DeviceError(format!(
+                "the BAR window of slot {slot} is in use ({e}); the guest may have moved another device there"
+            ))
+        })?;
+    root.plug(slot, function);
+    Ok(())
+}
+
+/// The running VM's hotplug side.
+pub struct LiveVm {
+    pub(super) machine: String,
+    pub(super) base_dir: PathBuf,
+    pub(super) ram: (u64, u64),
+    pub(super) handle: Arc<KvmHandle>,
+    pub(super) mem: GuestMem,
+    pub(super) pci: Arc<Mutex<PciRoot>>,
+    pub(super) mmio: Arc<RwLock<Bus>>,
+    pub(super) exit: Arc<ExitState>,
+    pub(super) hotplug: Option<Arc<Hotplug>>,
+    pub(super) plugged: Mutex<HashMap<u8, Plugged>>,
+}
+
+impl LiveVm {
+    fn hotplug(&self) -> Result<&Arc<Hotplug>, DeviceError> {
+        self.hotplug
+            .as_ref()
+            .ok_or_else(|| DeviceError("the machine has no hotplug slots".into()))
+    }
+
+    /// Who hears of the guest's ejects (bitmap of slots), on a vCPU thread: hand them on only.
+    pub fn on_eject(&self, f: Box<dyn Fn(u32) + Send>) {
+        if let Some(h) = &self.hotplug {
+            h.set_on_eject(f);
+        }
+    }
+
+    /// Builds `node` into its hotplug slot and tells the guest.
+    pub fn plug(&self, node: &DeviceNode) -> Result<(), DeviceError> {
+        let hp = self.hotplug()?.clone();
+        let Placement::Pci {
+            slot,
+            hotplug: true,
+            ..
+        } = node.placement
+        else {
+            return Err(DeviceError(format!(
+                "`{}` is not placed in a hotplug slot",
+                node.name
+            )));
+        };
+        let mut m = LiveMachine {
+            vm: self,
+            slot,
+            added: None,
+        };
+        node.spec.spec().build(&node.placement, &mut m)?;
+        if m.added.is_none() {
+            return Err(DeviceError(format!(
+                "`{}` added no PCI function",
+                node.name
+            )));
+        }
+        log::debug!(
+            "hotplug: slot {slot} signalled at monotonic {:.6}",
+            monotonic_secs()
+        );
+        hp.announce(slot);
+        Ok(())
+    }
+
+    /// Asks the guest to release the device in `slot` (again, if it was asked before).
+    pub fn request_unplug(&self, slot: u8) -> Result<(), DeviceError> {
+        let hp = self.hotplug()?;
+        if hp.request_removal(slot) {
+            log::debug!(
+                "hotplug: slot {slot} removal signalled at monotonic {:.6}",
+                monotonic_secs()
+            );
+            Ok(())
+        } else {
+            Err(DeviceError(format!("hotplug slot {slot} is empty")))
+        }
+    }
+
+    /// Removes the function in `slot` (the guest released it): unmaps its BAR, drops it (its
+    /// worker stops, its TAP closes, its MSI vectors and ioeventfds go). Returns whether the
+    /// function is gone for good (no reference left anywhere).
+    pub fn remove(&self, slot: u8) -> Result<bool, DeviceError> {
+        let p = self
+            .plugged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&slot)
+            .ok_or_else(|| DeviceError(format!("slot {slot} holds no device")))?;
+        // A BAR move the guest asked for must not map the device again afterwards.
+        self.handle.apply_moves();
+        self.pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unplug(slot);
+        self.mmio
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_device(&p.bar_device);
+        if let Some(h) = &self.hotplug {
+            h.removed(slot);
+        }
+        let Plugged {
+            function,
+            bar_device,
+        } = p;
+        drop(function);
+        let last = Arc::strong_count(&bar_device) == 1;
+        drop(bar_device);
+        Ok(last)
+    }
+
+    /// Slots with a removal request the guest has not answered.
+    pub fn unplugs_pending(&self) -> u32 {
+        self.hotplug.as_ref().map_or(0, |h| h.removing())
+    }
+
+    /// Ends the VM (`vmm stop`).
+    pub fn stop(&self, why: &str) {
+        self.exit.finish(Outcome::Stopped(why.to_string()));
+    }
+}
+
+/// CLOCK_MONOTONIC in seconds: the clock benchmarks compare log lines against.
+pub fn monotonic_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// The VM as a device built at run time sees it: PCI and memory, no new ports, interrupt lines
+/// or character devices.
+struct LiveMachine<'a> {
+    vm: &'a LiveVm,
+    slot: u8,
+    added: Option<u8>,
+}
+
+impl Machine for LiveMachine<'_> {
+    fn machine_name(&self) -> &str {
+        &self.vm.machine
+    }
+    fn irq_line(&mut self, _pin: u8) -> Result<Arc<dyn Irq>, DeviceError> {
+        Err(DeviceError(
+            "devices with interrupt lines cannot be added while the VM runs".into(),
+        ))
+    }
+    fn vm_control(&self) -> Arc<dyn VmControl> {
+        self.vm.exit.clone()
+    }
+    fn add_pio(&mut self, _: u16, _: u16, _: SharedDevice) -> Result<(), DeviceError> {
+        Err(DeviceError(
+            "I/O port devices cannot be added while the VM runs".into(),
+        ))
+    }
+    fn ram(&self) -> (u64, u64) {
+        self.vm.ram
+    }
+    fn base_dir(&self) -> &Path {
+        &self.vm.base_dir
+    }
+    fn vm_handle(&self) -> Arc<dyn VmHandle> {
+        Arc::new(Handle(self.vm.handle.clone()))
+    }
+    fn guest_memory(&self) -> GuestMem {
+        self.vm.mem.clone()
+    }
+    fn add_pci(
+        &mut self,
+        slot: u8,
+        function: SharedFunction,
+        bar: (u64, u64),
+        bar_device: SharedDevice,
+    ) -> Result<(), DeviceError> {
+        if slot != self.slot || self.added.is_some() {
+            return Err(DeviceError(format!(
+                "a device plugged at run time may only take its own slot {}",
+                self.slot
+            )));
+        }
+        attach_pci(
+            &self.vm.pci,
+            &self.vm.mmio,
+            slot,
+            function.clone(),
+            bar,
+            bar_device.clone(),
+        )?;
+        self.vm
+            .plugged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                slot,
+                Plugged {
+                    function,
+                    bar_device,
+                },
+            );
+        self.added = Some(slot);
+        Ok(())
+    }
+    fn open_char(&mut self, _: &CharIo, _: Arc<dyn CharInput>) -> Result<CharOut, DeviceError> {
+        Err(DeviceError(
+            "character devices cannot be added while the VM runs".into(),
+        ))
+    }
+}

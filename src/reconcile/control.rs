@@ -1,0 +1,204 @@
+//! The control socket of a running VM: `vmm status`, `vmm plan FILE`, `vmm apply FILE` and
+//! `vmm stop` talk to it.
+//!
+//! Protocol (docs/hotplug.md): a unix stream socket; the client sends one JSON object on one
+//! line, the VM answers with one JSON object on one line and closes. Requests:
+//!
+//! ```text
+//! {"op":"status"}
+//! {"op":"plan","path":"/abs/machine.toml","text":"…file text…"}
+//! {"op":"apply","path":"/abs/machine.toml","text":"…file text…"}
+//! {"op":"stop"}
+//! ```
+//!
+//! Every answer has `status` ("ok", "invalid", "no-changes", "needs-restart", "live",
+//! "stopping" or "error") and, except status answers, `text`: the human report.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::Event;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Plan { path: PathBuf, text: String },
+    Apply { path: PathBuf, text: String },
+    Stop,
+}
+
+/// The largest request accepted (a machine file is a few KiB).
+const MAX_REQUEST: u64 = 4 << 20;
+/// How long a client may take to send its request, and the VM to answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the control sockets of running VMs live: `$VMM_RUNTIME_DIR`, else
+/// `$XDG_RUNTIME_DIR/vmm`, else `/run/vmm` for root and `/tmp/vmm-<uid>` for others.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VMM_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("vmm");
+    }
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        PathBuf::from("/run/vmm")
+    } else {
+        PathBuf::from(format!("/tmp/vmm-{uid}"))
+    }
+}
+
+/// The control socket of the machine called `machine`.
+pub fn socket_path(machine: &str) -> PathBuf {
+    runtime_dir().join(format!("{machine}.sock"))
+}
+
+/// The control socket's accept thread.
+pub struct Server {
+    path: PathBuf,
+    stop: std::sync::Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Listens at `path` and hands requests to the reconciler. A socket file left by a VM that
+    /// is gone is replaced; one a running VM answers on is not.
+    pub fn start(path: &Path, tx: mpsc::Sender<Event>) -> std::io::Result<Server> {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another running VM of that name answers on it",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let s2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(listener, &s2, &tx))?;
+        Ok(Server {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polling two fds we own, described by a valid array.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            continue; // EINTR
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if let Err(e) = answer(conn, tx) {
+                    log::debug!("control client: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            let (rtx, rrx) = mpsc::channel();
+            if tx.send(Event::Control(req, rtx)).is_err() {
+                json!({"status": "error", "text": "the VM is shutting down"})
+            } else {
+                rrx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(
+                    |_| json!({"status": "error", "text": "the VM did not answer in time"}),
+                )
+            }
+        }
+        Err(e) => json!({"status": "error", "text": format!("bad request: {e}")}),
+    };
+    let mut w = &conn;
+    w.write_all(format!("{reply}\n").as_bytes())?;
+    w.flush()
+}
+
+/// Sends `req` to the control socket at `path`; returns the answer.
+pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the VM's control socket {}: {e} (is the VM running?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    s.write_all(format!("{text}\n").as_bytes())
+        .map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    let mut answer = String::new();
+    BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer from the VM: {e}"))
+}

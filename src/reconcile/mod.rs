@@ -1,0 +1,702 @@
+//! Live machine files: the running VM follows its file.
+//!
+//! ```text
+//! watch (inotify, debounce) ─┐
+//! control socket (apply) ────┼─▶ Reconciler::edit ─ check (as `vmm check`) ─ plan against the
+//!                            │       desired machine ─ all live? desired = new ─▶ converge
+//! guest eject (hotplug) ─────┘                                    converge: desired vs in-VM
+//! ```
+//!
+//! The reconciler is level-triggered: it keeps the *desired* machine (the last good file it
+//! accepted) and what is *in the VM*, and after every event makes the VM converge on the file
+//! as far as it can: unplug what the file no longer has (the guest must release it first), plug
+//! what is new (once its slot is free). An edit that needs a restart, or mixes live and
+//! restart-only changes, is reported with its spans and changes nothing; an invalid edit is
+//! reported and the last good file stays in force.
+//!
+//! One thread owns the state: every event (file, eject, control request, tick) arrives on its
+//! channel, so there is no lock around it. The VM side is the [`Target`] trait: the KVM
+//! backend's [`LiveVm`](crate::backend::kvm::LiveVm) in a VM, a recording fake in tests.
+
+pub mod control;
+pub mod watch;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::Checked;
+use crate::diag::Report;
+use crate::graph::diff::{self, Action, Class, Plan, Side};
+use crate::graph::{DeviceNode, Placement};
+
+/// The running VM, as the reconciler drives it.
+pub trait Target: Send {
+    /// Builds `node` into its (empty) hotplug slot and signals the guest.
+    fn plug(&mut self, node: &DeviceNode) -> Result<(), String>;
+    /// Asks the guest to release the device in `slot`.
+    fn request_unplug(&mut self, slot: u8) -> Result<(), String>;
+    /// Removes the device in `slot` after the guest released it.
+    fn remove(&mut self, slot: u8) -> Result<(), String>;
+    /// Ends the VM.
+    fn stop(&mut self, why: &str);
+}
+
+impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
+    fn plug(&mut self, node: &DeviceNode) -> Result<(), String> {
+        crate::backend::kvm::LiveVm::plug(self, node).map_err(|e| e.to_string())
+    }
+    fn request_unplug(&mut self, slot: u8) -> Result<(), String> {
+        crate::backend::kvm::LiveVm::request_unplug(self, slot).map_err(|e| e.to_string())
+    }
+    fn remove(&mut self, slot: u8) -> Result<(), String> {
+        match crate::backend::kvm::LiveVm::remove(self, slot) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                log::warn!("slot {slot}: the removed device is still referenced somewhere");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn stop(&mut self, why: &str) {
+        crate::backend::kvm::LiveVm::stop(self, why)
+    }
+}
+
+/// What the reconciler thread is told.
+pub enum Event {
+    /// The machine file changed on disk (from the watcher).
+    File(watch::WatchEvent),
+    /// The guest released these slots (bitmap).
+    Ejected(u32),
+    /// A control socket request and where its answer goes.
+    Control(control::Request, mpsc::Sender<Value>),
+    /// Time passes: removal requests the guest has not answered are signalled again.
+    Tick,
+    /// The VM is ending.
+    Shutdown,
+}
+
+/// How an edit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// The file is not a valid machine (or does not fit): nothing changed.
+    Invalid,
+    /// Valid, but the same machine (e.g. reordered or reformatted).
+    NoChanges,
+    /// Some change cannot be applied to a running VM: nothing changed.
+    NeedsRestart,
+    /// Every change is live: planned (`vmm plan`) or applied.
+    Live,
+}
+
+/// The result of one edit: what the terminal shows, and what a control client gets.
+#[derive(Debug, Clone)]
+pub struct EditOutcome {
+    pub verdict: Verdict,
+    pub applied: bool,
+    /// Human text, one line per line (diagnostics rendered without color).
+    pub lines: Vec<String>,
+    pub changes: Vec<diff::Change>,
+    pub diagnostics: Vec<Value>,
+}
+
+impl EditOutcome {
+    pub fn json(&self) -> Value {
+        json!({
+            "status": self.verdict,
+            "applied": self.applied,
+            "changes": self.changes,
+            "diagnostics": self.diagnostics,
+            "text": self.lines.join("\n"),
+        })
+    }
+}
+
+/// How a device in the VM stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum InVm {
+    Running,
+    /// Asked to leave; the guest has not released it yet.
+    Unplugging {
+        since: Instant,
+        signalled: Instant,
+    },
+}
+
+/// Unanswered removal requests are signalled again after this long (a guest may have missed
+/// the first, e.g. when it came before its ACPI hotplug driver was up).
+pub const RESIGNAL: Duration = Duration::from_secs(5);
+
+/// The state of a live machine: what the file wants and what the VM has.
+pub struct Reconciler<T: Target> {
+    target: T,
+    path: PathBuf,
+    desired: Checked,
+    /// Devices in the VM, by name.
+    in_vm: BTreeMap<String, (DeviceNode, InVm)>,
+    /// Devices of the file that could not be plugged, and why.
+    failed: BTreeMap<String, String>,
+    /// Prints a report line (the terminal, or a log in tests).
+    out: Box<dyn FnMut(&str) + Send>,
+}
+
+fn slot_of(n: &DeviceNode) -> Option<u8> {
+    match n.placement {
+        Placement::Pci { slot, .. } => Some(slot),
+        Placement::Pio { .. } => None,
+    }
+}
+
+fn what(n: &DeviceNode) -> String {
+    format!("{} `{}`", n.kind, n.name)
+}
+
+impl<T: Target> Reconciler<T> {
+    /// The VM was built from `checked` (read from `path`).
+    pub fn new(target: T, path: &Path, checked: Checked, out: Box<dyn FnMut(&str) + Send>) -> Self {
+        let in_vm = checked
+            .graph
+            .devices
+            .iter()
+            .map(|d| (d.name.clone(), (d.clone(), InVm::Running)))
+            .collect();
+        Reconciler {
+            target,
+            path: path.to_path_buf(),
+            desired: checked,
+            in_vm,
+            failed: BTreeMap::new(),
+            out,
+        }
+    }
+
+    /// The machine the VM is converging on.
+    pub fn desired(&self) -> &Checked {
+        &self.desired
+    }
+
+    fn say(&mut self, line: &str) {
+        (self.out)(line);
+    }
+
+    fn releasing(&self) -> BTreeSet<u8> {
+        self.in_vm
+            .values()
+            .filter(|(_, s)| matches!(s, InVm::Unplugging { .. }))
+            .filter_map(|(n, _)| slot_of(n))
+            .collect()
+    }
+
+    /// Handles one event; false when the reconciler should end.
+    pub fn handle(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::File(watch::WatchEvent::Changed(bytes)) => {
+                let path = self.path.clone();
+                let o = self.edit(&path, bytes, true);
+                for l in &o.lines {
+                    self.say(l);
+                }
+            }
+            Event::File(watch::WatchEvent::Deleted) => {
+                let p = self.path.display().to_string();
+                self.say(&format!(
+                    "{p}: deleted; the VM keeps running as it is and follows the file when it is back"
+                ));
+            }
+            Event::File(watch::WatchEvent::Unreadable(why)) => {
+                let p = self.path.display().to_string();
+                self.say(&format!("{p}: cannot be read ({why}); the VM is unchanged"));
+            }
+            Event::Ejected(bits) => {
+                let lines = self.ejected(bits);
+                for l in &lines {
+                    self.say(l);
+                }
+            }
+            Event::Control(req, reply) => {
+                let answer = self.control(req);
+                let _ = reply.send(answer);
+            }
+            Event::Tick => self.tick(Instant::now()),
+            Event::Shutdown => return false,
+        }
+        true
+    }
+
+    fn control(&mut self, req: control::Request) -> Value {
+        match req {
+            control::Request::Status => self.status(),
+            control::Request::Plan { path, text } => {
+                self.edit(&path, text.into_bytes(), false).json()
+            }
+            control::Request::Apply { path, text } => {
+                let o = self.edit(&path, text.into_bytes(), true);
+                // The terminal hears of explicit applies too.
+                let who = format!("vmm apply {}", path.display());
+                self.say(&who);
+                for l in &o.lines {
+                    self.say(l);
+                }
+                o.json()
+            }
+            control::Request::Stop => {
+                self.say("stopping the VM (vmm stop)");
+                self.target.stop("vmm stop");
+                json!({ "status": "stopping", "text": "the VM is stopping" })
+            }
+        }
+    }
+
+    /// Checks, plans and (with `apply`) applies the machine file `bytes` read from `path`.
+    pub fn edit(&mut self, path: &Path, bytes: Vec<u8>, apply: bool) -> EditOutcome {
+        let name = path.display().to_string();
+        let new = match crate::check_bytes(path, bytes) {
+            Ok(c) => c,
+            Err(report) => return invalid(&name, &report),
+        };
+        let (plan, graph) = match diff::plan_avoiding(
+            &self.desired.valid,
+            &self.desired.graph,
+            &new.valid,
+            &self.releasing(),
+        ) {
+            Ok(p) => p,
+            Err(diags) => return invalid(&name, &new.valid.loaded().report(diags)),
+        };
+        if plan.is_empty() {
+            if apply {
+                // Same machine: keep the new text, so later diagnostics point into it.
+                self.desired = Checked { graph, ..new };
+            }
+            return EditOutcome {
+                verdict: Verdict::NoChanges,
+                applied: false,
+                lines: vec![format!("{name}: no changes")],
+                changes: Vec::new(),
+                diagnostics: Vec::new(),
+            };
+        }
+        if !plan.is_live() {
+            return self.needs_restart(&name, &plan, &new);
+        }
+        let mut lines = vec![format!(
+            "{name}: {} {} live change{}",
+            if apply { "applying" } else { "would apply" },
+            plan.changes.len(),
+            if plan.changes.len() == 1 { "" } else { "s" }
+        )];
+        if !apply {
+            for c in &plan.changes {
+                lines.push(format!("  {} {}: {}", sign(c.action), c.subject, c.detail));
+            }
+            return EditOutcome {
+                verdict: Verdict::Live,
+                applied: false,
+                lines,
+                changes: plan.changes,
+                diagnostics: Vec::new(),
+            };
+        }
+        self.desired = Checked { graph, ..new };
+        lines.extend(self.converge());
+        EditOutcome {
+            verdict: Verdict::Live,
+            applied: true,
+            lines,
+            changes: plan.changes,
+            diagnostics: Vec::new(),
+        }
+    }
+
+    fn needs_restart(&self, name: &str, plan: &Plan, new: &Checked) -> EditOutcome {
+        let restart = plan.count(Class::NeedsRestart);
+        let hot = plan.count(Class::HotApply);
+        let mut lines = vec![format!(
+            "{name}: not applied, the VM is unchanged: {restart} change{} need{} a restart",
+            if restart == 1 { "" } else { "s" },
+            if restart == 1 { "s" } else { "" },
+        )];
+        for c in &plan.changes {
+            let why = c
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            lines.push(format!(
+                "  {:<13}  {}: {}{why}",
+                c.class.to_string(),
+                c.subject,
+                c.detail
+            ));
+        }
+        if hot > 0 {
+            lines.push(format!(
+                "  the edit mixes live and restart-only changes, so none is applied: save the {hot} live change{} on {} own to apply {}",
+                if hot == 1 { "" } else { "s" },
+                if hot == 1 { "its" } else { "their" },
+                if hot == 1 { "it" } else { "them" },
+            ));
+        }
+        let mut diagnostics = Vec::new();
+        for (side, loaded) in [
+            (Side::New, new.valid.loaded()),
+            (Side::Old, self.desired.valid.loaded()),
+        ] {
+            let diags = plan.restart_diags(side);
+            if !diags.is_empty() {
+                let report = loaded.report(diags);
+                diagnostics.extend(
+                    report
+                        .json()
+                        .iter()
+                        .map(|d| serde_json::to_value(d).unwrap_or_default()),
+                );
+                lines.extend(report.render(false, 100).lines().map(str::to_string));
+            }
+        }
+        EditOutcome {
+            verdict: Verdict::NeedsRestart,
+            applied: false,
+            lines,
+            changes: plan.changes.clone(),
+            diagnostics,
+        }
+    }
+
+    /// Makes the VM converge on the desired machine as far as it can now; returns what it did.
+    fn converge(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let now = Instant::now();
+        // Leaving: in the VM, not in the file (or no longer the same device).
+        let leaving: Vec<String> = self
+            .in_vm
+            .iter()
+            .filter(|(name, (node, state))| {
+                *state == InVm::Running && self.desired.graph.device(name) != Some(node)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in leaving {
+            let Some((node, state)) = self.in_vm.get_mut(&name) else {
+                continue;
+            };
+            let Some(slot) = slot_of(node) else { continue };
+            match self.target.request_unplug(slot) {
+                Ok(()) => {
+                    *state = InVm::Unplugging {
+                        since: now,
+                        signalled: now,
+                    };
+                    lines.push(format!(
+                        "  - {}: the guest is asked to release hotplug slot {slot}",
+                        what(node)
+                    ));
+                }
+                Err(e) => lines.push(format!("  ! {}: cannot unplug: {e}", what(node))),
+            }
+        }
+        // Arriving: in the file, not in the VM.
+        let arriving: Vec<DeviceNode> = self
+            .desired
+            .graph
+            .devices
+            .iter()
+            .filter(|d| !self.in_vm.contains_key(&d.name))
+            .cloned()
+            .collect();
+        for node in arriving {
+            let Some(slot) = slot_of(&node) else { continue };
+            if let Some((other, _)) = self.in_vm.values().find(|(n, _)| slot_of(n) == Some(slot)) {
+                lines.push(format!(
+                    "  … {}: waits for hotplug slot {slot}, which the guest is still releasing from `{}`",
+                    what(&node),
+                    other.name
+                ));
+                continue;
+            }
+            match self.target.plug(&node) {
+                Ok(()) => {
+                    self.failed.remove(&node.name);
+                    lines.push(format!(
+                        "  + {}: plugged into hotplug slot {slot}",
+                        what(&node)
+                    ));
+                    self.in_vm.insert(node.name.clone(), (node, InVm::Running));
+                }
+                Err(e) => {
+                    lines.push(format!("  ! {}: cannot plug: {e}", what(&node)));
+                    self.failed.insert(node.name.clone(), e);
+                }
+            }
+        }
+        lines
+    }
+
+    /// The guest released `bits`: remove those devices, then converge (a device may wait for
+    /// one of those slots).
+    pub fn ejected(&mut self, bits: u32) -> Vec<String> {
+        let mut lines = Vec::new();
+        let gone: Vec<String> = self
+            .in_vm
+            .iter()
+            .filter(|(_, (n, s))| {
+                matches!(s, InVm::Unplugging { .. })
+                    && slot_of(n).is_some_and(|slot| bits & (1u32 << slot) != 0)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let Some((node, state)) = self.in_vm.remove(&name) else {
+                continue;
+            };
+            let slot = slot_of(&node).unwrap_or(0);
+            let took = match state {
+                InVm::Unplugging { since, .. } => since.elapsed(),
+                InVm::Running => Duration::ZERO,
+            };
+            match self.target.remove(slot) {
+                Ok(()) => lines.push(format!(
+                    "{}: removed after the guest released it ({:.0} ms); hotplug slot {slot} is free",
+                    what(&node),
+                    took.as_secs_f64() * 1000.0
+                )),
+                Err(e) => lines.push(format!("{}: removing it failed: {e}", what(&node))),
+            }
+        }
+        let more = self.converge();
+        lines.extend(more);
+        lines
+    }
+
+    /// Signals again the removal requests the guest has not answered for [`RESIGNAL`].
+    pub fn tick(&mut self, now: Instant) {
+        let mut again = Vec::new();
+        for (node, state) in self.in_vm.values_mut() {
+            if let InVm::Unplugging { signalled, .. } = state {
+                if now.duration_since(*signalled) >= RESIGNAL {
+                    *signalled = now;
+                    if let Some(slot) = slot_of(node) {
+                        again.push((slot, node.name.clone()));
+                    }
+                }
+            }
+        }
+        for (slot, name) in again {
+            log::info!("`{name}`: the guest has not released slot {slot} yet; asking again");
+            let _ = self.target.request_unplug(slot);
+        }
+    }
+
+    /// `vmm status`: devices, hotplug slots, pending unplugs.
+    pub fn status(&self) -> Value {
+        let g = &self.desired.graph;
+        let mut devices = Vec::new();
+        for (name, (node, state)) in &self.in_vm {
+            let (st, secs) = match state {
+                InVm::Running => ("running", None),
+                InVm::Unplugging { since, .. } => {
+                    ("unplugging", Some(since.elapsed().as_secs_f64()))
+                }
+            };
+            devices.push(json!({
+                "name": name,
+                "kind": node.kind,
+                "slot": slot_of(node),
+                "hotplug": matches!(node.placement, Placement::Pci { hotplug: true, .. }),
+                "state": st,
+                "pending_seconds": secs,
+            }));
+        }
+        for (name, why) in &self.failed {
+            if let Some(node) = g.device(name) {
+                if !self.in_vm.contains_key(name) {
+                    devices.push(json!({
+                        "name": name, "kind": node.kind, "slot": slot_of(node),
+                        "hotplug": true, "state": "plug-failed", "error": why,
+                    }));
+                }
+            }
+        }
+        let slots: Vec<Value> = g
+            .hotplug_slots()
+            .map(|s| {
+                let occupant = self
+                    .in_vm
+                    .values()
+                    .find(|(n, _)| slot_of(n) == Some(s.slot));
+                let state = match occupant {
+                    None => "free",
+                    Some((_, InVm::Running)) => "used",
+                    Some((_, InVm::Unplugging { .. })) => "releasing",
+                };
+                json!({
+                    "slot": s.slot,
+                    "state": state,
+                    "device": occupant.map(|(n, _)| n.name.clone()),
+                })
+            })
+            .collect();
+        let free = slots.iter().filter(|s| s["state"] == "free").count();
+        let pending: Vec<Value> = devices
+            .iter()
+            .filter(|d| d["state"] == "unplugging")
+            .cloned()
+            .collect();
+        json!({
+            "status": "ok",
+            "machine": g.machine,
+            "file": self.path.display().to_string(),
+            "devices": devices,
+            "hotplug_slots": slots,
+            "hotplug_free": free,
+            "pending_unplugs": pending,
+        })
+    }
+}
+
+fn sign(a: Action) -> &'static str {
+    match a {
+        Action::Add => "+",
+        Action::Remove => "-",
+        Action::Change => "~",
+    }
+}
+
+fn invalid(name: &str, report: &Report) -> EditOutcome {
+    let mut lines = vec![format!(
+        "{name}: invalid, not applied (the VM keeps the last good machine file)"
+    )];
+    lines.extend(report.render(false, 100).lines().map(str::to_string));
+    EditOutcome {
+        verdict: Verdict::Invalid,
+        applied: false,
+        lines,
+        changes: Vec::new(),
+        diagnostics: report
+            .json()
+            .iter()
+            .map(|d| serde_json::to_value(d).unwrap_or_default())
+            .collect(),
+    }
+}
+
+/// A live machine's threads: the reconciler, the file watcher and the control socket. Dropping
+/// it stops and joins them.
+pub struct Live {
+    tx: mpsc::Sender<Event>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    watcher: Option<watch::Watcher>,
+    control: Option<control::Server>,
+}
+
+impl Live {
+    /// Starts following `path` (the file `checked` was read from) on `target`. `socket` is the
+    /// control socket's path (none: no socket). Problems starting the watcher or the socket are
+    /// reported through `out` and leave the VM running without them.
+    pub fn start<T: Target + 'static>(
+        target: T,
+        path: &Path,
+        checked: Checked,
+        socket: Option<PathBuf>,
+        out: Box<dyn FnMut(&str) + Send>,
+    ) -> (Live, mpsc::Sender<Event>) {
+        Live::start_inner(target, path, checked, socket, out, true)
+    }
+
+    /// [`Live::start`] without the file watcher: only `vmm apply` changes the VM.
+    pub fn start_without_watch<T: Target + 'static>(
+        target: T,
+        path: &Path,
+        checked: Checked,
+        socket: Option<PathBuf>,
+        out: Box<dyn FnMut(&str) + Send>,
+    ) -> (Live, mpsc::Sender<Event>) {
+        Live::start_inner(target, path, checked, socket, out, false)
+    }
+
+    fn start_inner<T: Target + 'static>(
+        target: T,
+        path: &Path,
+        checked: Checked,
+        socket: Option<PathBuf>,
+        mut out: Box<dyn FnMut(&str) + Send>,
+        watch: bool,
+    ) -> (Live, mpsc::Sender<Event>) {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let initial = checked.valid.loaded().text.clone().into_bytes();
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let watcher = if !watch {
+            None
+        } else {
+            let tx = tx.clone();
+            match watch::Watcher::spawn(&abs, initial, watch::QUIET, move |e| {
+                let _ = tx.send(Event::File(e));
+            }) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    out(&format!(
+                        "{}: cannot watch it ({e}); edits are not applied (vmm apply still works)",
+                        path.display()
+                    ));
+                    None
+                }
+            }
+        };
+        let control = match socket {
+            Some(p) => match control::Server::start(&p, tx.clone()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    out(&format!(
+                        "control socket {}: {e}; running without it",
+                        p.display()
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut r = Reconciler::new(target, path, checked, out);
+        let thread = std::thread::Builder::new()
+            .name("reconcile".into())
+            .spawn(move || {
+                loop {
+                    let ev = match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(ev) => ev,
+                        Err(mpsc::RecvTimeoutError::Timeout) => Event::Tick,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    };
+                    if !r.handle(ev) {
+                        return;
+                    }
+                }
+            })
+            .ok();
+        (
+            Live {
+                tx: tx.clone(),
+                thread,
+                watcher,
+                control,
+            },
+            tx,
+        )
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // The watcher and the socket first: nothing new arrives while the reconciler ends.
+        self.watcher.take();
+        self.control.take();
+        let _ = self.tx.send(Event::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
