@@ -373,6 +373,8 @@ impl<T: Target> Reconciler<T> {
     fn converge(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
         let now = Instant::now();
+        let desired = &self.desired.graph;
+        self.failed.retain(|name, _| desired.device(name).is_some());
         // Leaving: in the VM, not in the file (or no longer the same device).
         let leaving: Vec<String> = self
             .in_vm

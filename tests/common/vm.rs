@@ -78,10 +78,48 @@ impl Vm {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Each VM has its own control socket directory: tests never talk to each other's VMs.
+        let runtime = tempfile::tempdir().unwrap();
+        cmd.env("VMM_RUNTIME_DIR", runtime.path());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Vm::spawn(cmd, limit)
+        let mut vm = Vm::spawn(cmd, limit);
+        vm._dir = Some(runtime);
+        vm
+    }
+
+    /// Runs `vmm ARGS` against this VM's control socket directory; returns (status, stdout,
+    /// stderr).
+    pub fn vmm(&self, args: &[&str]) -> (i32, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.args(args);
+        if let Some(d) = &self._dir {
+            cmd.env("VMM_RUNTIME_DIR", d.path());
+        }
+        let out = cmd.output().expect("vmm runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Waits until vmm's stderr contains `pat` `n` times; panics with it on timeout.
+    pub fn expect_stderr(&mut self, pat: &str, n: usize) -> String {
+        loop {
+            let e = self.stderr();
+            if e.matches(pat).count() >= n {
+                return e;
+            }
+            if Instant::now() > self.deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                panic!(
+                    "vmm's stderr never had {pat:?} {n} times; it has:\n{e}\nconsole:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn spawn(mut cmd: Command, limit: Duration) -> Vm {

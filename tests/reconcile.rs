@@ -1,0 +1,318 @@
+//! The reconciler without KVM: a recording target stands in for the VM. Edits are checked,
+//! planned and applied as in a running VM; what the VM is asked to do is what these assert.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vmm::reconcile::{RESIGNAL, Reconciler, Target, Verdict};
+
+const BASE: &str = r#"name = "m"
+memory = "64M"
+vcpus = 1
+kernel = "vmlinux"
+
+[pci]
+hotplug_slots = 2
+
+[[serial]]
+name = "com1"
+io = "stdio"
+
+[[block]]
+name = "disk"
+path = "disk.img"
+"#;
+
+fn nic(name: &str, tap: &str) -> String {
+    format!("\n[[net]]\nname = \"{name}\"\ntap = \"{tap}\"\n")
+}
+
+/// Records what the VM is asked; plugging a TAP named "broken" fails.
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<Vec<String>>>);
+
+impl Fake {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Target for Fake {
+    fn plug(&mut self, node: &vmm::graph::DeviceNode) -> Result<(), String> {
+        let slot = node.pci_slot().unwrap();
+        if format!("{:?}", node.spec).contains("broken") {
+            return Err("cannot open TAP broken".into());
+        }
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("plug {} {slot}", node.name));
+        Ok(())
+    }
+    fn request_unplug(&mut self, slot: u8) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("unplug {slot}"));
+        Ok(())
+    }
+    fn remove(&mut self, slot: u8) -> Result<(), String> {
+        self.0.lock().unwrap().push(format!("remove {slot}"));
+        Ok(())
+    }
+    fn stop(&mut self, why: &str) {
+        self.0.lock().unwrap().push(format!("stop {why}"));
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    fake: Fake,
+    said: Arc<Mutex<Vec<String>>>,
+    r: Reconciler<Fake>,
+}
+
+impl Setup {
+    fn new(text: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(dir.path().join("disk.img"), vec![0u8; 4096]).unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, text).unwrap();
+        let checked = vmm::check_file(&path).unwrap_or_else(|r| panic!("{}", r.render(false, 100)));
+        let fake = Fake::default();
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let s2 = said.clone();
+        let r = Reconciler::new(
+            fake.clone(),
+            &path,
+            checked,
+            Box::new(move |l| s2.lock().unwrap().push(l.to_string())),
+        );
+        Setup {
+            dir,
+            path,
+            fake,
+            said,
+            r,
+        }
+    }
+
+    fn edit(&mut self, text: &str) -> vmm::reconcile::EditOutcome {
+        let p: &Path = &self.path.clone();
+        self.r.edit(p, text.as_bytes().to_vec(), true)
+    }
+
+    fn slots(&self) -> Vec<(u64, String)> {
+        self.r.status()["hotplug_slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["slot"].as_u64().unwrap(),
+                    s["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn adding_and_removing_a_nic_plugs_and_unplugs_it() {
+    let mut s = Setup::new(BASE);
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    let o = s.edit(&with);
+    assert_eq!(o.verdict, Verdict::Live);
+    assert!(o.applied);
+    assert_eq!(s.fake.take(), ["plug eth1 30"]);
+    assert_eq!(s.slots(), [(30, "used".into()), (31, "free".into())]);
+
+    // Removing asks the guest; the device stays until the guest releases it.
+    let o = s.edit(BASE);
+    assert_eq!(o.verdict, Verdict::Live);
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+    assert_eq!(s.slots()[0], (30, "releasing".into()));
+    let st = s.r.status();
+    assert_eq!(st["pending_unplugs"].as_array().unwrap().len(), 1, "{st}");
+    // An eject of another slot changes nothing.
+    assert!(s.r.ejected(1 << 31).is_empty());
+    assert!(s.fake.take().is_empty());
+    let lines = s.r.ejected(1 << 30);
+    assert_eq!(s.fake.take(), ["remove 30"]);
+    assert!(lines[0].contains("removed"), "{lines:?}");
+    assert_eq!(s.slots()[0], (30, "free".into()));
+
+    // And back again, into the same slot.
+    s.edit(&with);
+    assert_eq!(s.fake.take(), ["plug eth1 30"]);
+}
+
+#[test]
+fn reordered_or_reformatted_files_change_nothing() {
+    let with = format!("{BASE}{}{}", nic("eth1", "tap1"), nic("eth2", "tap2"));
+    let mut s = Setup::new(&with);
+    let reordered = format!("{BASE}{}{}", nic("eth2", "tap2"), nic("eth1", "tap1"));
+    assert_eq!(s.edit(&reordered).verdict, Verdict::NoChanges);
+    let reformatted = with
+        .replace(" = ", "=")
+        .replace("\n[[", "\n\n# a comment\n[[");
+    assert_eq!(s.edit(&reformatted).verdict, Verdict::NoChanges);
+    assert!(s.fake.take().is_empty());
+}
+
+#[test]
+fn invalid_edits_keep_the_last_good_file() {
+    let mut s = Setup::new(BASE);
+    for bad in [
+        "not = [toml",
+        &BASE.replace("vcpus = 1", "vcpus = \"one\""),
+        &format!("{BASE}{}{}", nic("a", "t1"), nic("a", "t2")),
+    ] {
+        let o = s.edit(bad);
+        assert_eq!(o.verdict, Verdict::Invalid, "{bad}");
+        assert!(!o.applied);
+        assert!(!o.diagnostics.is_empty());
+        assert!(o.lines[0].contains("invalid, not applied"), "{:?}", o.lines);
+    }
+    assert!(s.fake.take().is_empty());
+    // The next good edit is planned against the last good file.
+    let o = s.edit(&format!("{BASE}{}", nic("eth1", "tap1")));
+    assert_eq!(o.changes.len(), 1, "{:?}", o.changes);
+    assert_eq!(s.fake.take(), ["plug eth1 30"]);
+}
+
+#[test]
+fn more_nics_than_hotplug_slots_change_nothing() {
+    let mut s = Setup::new(&format!("{BASE}{}", nic("eth1", "tap1")));
+    // The third NIC would need a static slot: only a restart can give it one.
+    let o = s.edit(&format!(
+        "{BASE}{}{}{}",
+        nic("eth1", "tap1"),
+        nic("b", "t2"),
+        nic("c", "t3")
+    ));
+    assert_eq!(o.verdict, Verdict::NeedsRestart);
+    let text = o.lines.join("\n");
+    assert!(text.contains("no free hotplug slot"), "{text}");
+    assert!(text.contains("mixes live and restart-only"), "{text}");
+    assert!(s.fake.take().is_empty());
+    assert_eq!(s.slots(), [(30, "used".into()), (31, "free".into())]);
+}
+
+#[test]
+fn restart_only_and_mixed_edits_apply_nothing() {
+    let mut s = Setup::new(BASE);
+    let o = s.edit(&BASE.replace("64M", "128M"));
+    assert_eq!(o.verdict, Verdict::NeedsRestart);
+    assert!(!o.applied);
+    let text = o.lines.join("\n");
+    assert!(text.contains("memory"), "{text}");
+    assert!(text.contains("changed here"), "the span is shown: {text}");
+    let mixed = format!("{}{}", BASE.replace("64M", "128M"), nic("eth1", "tap1"));
+    let o = s.edit(&mixed);
+    assert_eq!(o.verdict, Verdict::NeedsRestart);
+    assert!(
+        o.lines.join("\n").contains("mixes live and restart-only"),
+        "{:?}",
+        o.lines
+    );
+    // A changed block device (not hot-pluggable) and a changed NIC setting.
+    let o = s.edit(&BASE.replace("disk.img\"", "disk.img\"\nreadonly = true"));
+    assert_eq!(o.verdict, Verdict::NeedsRestart, "{:?}", o.lines);
+    assert!(s.fake.take().is_empty(), "the VM was not touched");
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    s.edit(&with);
+    s.fake.take();
+    let o = s.edit(&with.replace("tap1", "tap9"));
+    assert_eq!(o.verdict, Verdict::NeedsRestart);
+    assert!(o.lines.join("\n").contains("rename"), "{:?}", o.lines);
+    assert!(s.fake.take().is_empty());
+}
+
+#[test]
+fn plan_requests_do_not_apply() {
+    let mut s = Setup::new(BASE);
+    let p = s.path.clone();
+    let o = s.r.edit(
+        &p,
+        format!("{BASE}{}", nic("eth1", "tap1")).into_bytes(),
+        false,
+    );
+    assert_eq!(o.verdict, Verdict::Live);
+    assert!(!o.applied);
+    assert!(o.lines.join("\n").contains("+ net `eth1`"), "{:?}", o.lines);
+    assert!(s.fake.take().is_empty());
+    assert_eq!(s.slots(), [(30, "free".into()), (31, "free".into())]);
+}
+
+#[test]
+fn new_nics_avoid_slots_the_guest_is_still_releasing() {
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    let mut s = Setup::new(&with);
+    assert_eq!(s.slots()[0], (30, "used".into()));
+    s.edit(BASE);
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+    // A new NIC while slot 30 is being released goes to 31.
+    s.edit(&format!("{BASE}{}", nic("eth2", "tap2")));
+    assert_eq!(s.fake.take(), ["plug eth2 31"]);
+    // eth1 back while its old slot is still releasing: no free slot but 30, so it waits.
+    let o = s.edit(&format!(
+        "{BASE}{}{}",
+        nic("eth2", "tap2"),
+        nic("eth1b", "tap1")
+    ));
+    assert!(
+        o.lines.join("\n").contains("waits for hotplug slot 30"),
+        "{:?}",
+        o.lines
+    );
+    assert!(s.fake.take().is_empty());
+    // Once the guest releases slot 30, the waiting NIC is plugged there.
+    let lines = s.r.ejected(1 << 30);
+    assert_eq!(s.fake.take(), ["remove 30", "plug eth1b 30"]);
+    assert!(
+        lines.iter().any(|l| l.contains("+ net `eth1b`")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn unanswered_unplugs_are_signalled_again() {
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    let mut s = Setup::new(&with);
+    s.edit(BASE);
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+    s.r.tick(Instant::now());
+    assert!(s.fake.take().is_empty(), "not yet");
+    s.r.tick(Instant::now() + RESIGNAL);
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+}
+
+#[test]
+fn failed_plugs_are_reported_and_retried() {
+    let mut s = Setup::new(BASE);
+    let o = s.edit(&format!("{BASE}{}", nic("eth1", "broken")));
+    assert!(
+        o.lines
+            .join("\n")
+            .contains("cannot plug: cannot open TAP broken"),
+        "{:?}",
+        o.lines
+    );
+    let st = s.r.status();
+    assert_eq!(
+        st["devices"].as_array().unwrap().last().unwrap()["state"],
+        "plug-failed",
+        "{st}"
+    );
+    assert_eq!(s.slots()[0], (30, "free".into()));
+    // Fixing the file (a new name: settings of a device are fixed) plugs it.
+    s.edit(&format!("{BASE}{}", nic("eth1b", "tap1")));
+    assert_eq!(s.fake.take(), ["plug eth1b 30"]);
+    drop(s.dir);
+    let said = s.said.lock().unwrap();
+    assert!(
+        said.is_empty(),
+        "edit() reports to its caller, not the terminal: {said:?}"
+    );
+}
