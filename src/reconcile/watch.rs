@@ -31,7 +31,7 @@
 //!   yet followed by `IN_CLOSE_WRITE`). A due read waits while the file is
 //!   busy, so a writer that paused between truncating and writing is not
 //!   caught half-way. So that a process keeping the file open cannot stall
-//!   the watcher, the wait ends [`WRITE_HOLD`] after the last such activity.
+//!   the watcher, the wait ends `WRITE_HOLD` (1 s) after the last such activity.
 //! * A read is discarded (and retried after the next quiet period) if any
 //!   event other than the watcher's own open/close arrived for the file while
 //!   it was read. The kernel queues `IN_OPEN` before an `O_TRUNC` open
@@ -53,7 +53,7 @@
 //!
 //! If the directory itself is deleted or moved, the watcher keeps trying to
 //! watch the directory at the original path again (every
-//! [`REWATCH_INTERVAL`]) and rereads the file once that succeeds.
+//! `REWATCH_INTERVAL`, 250 ms) and rereads the file once that succeeds.
 //!
 //! If the path's last component is a symlink, only changes of the link itself
 //! (in the watched directory) are seen, not edits of the file it points to.
@@ -243,7 +243,7 @@ impl Watcher {
             dir.display()
         );
         let now = Instant::now();
-        let state = State {
+        let mut state = State {
             path: path.clone(),
             dir_c,
             name: name.into_vec(),
@@ -268,10 +268,12 @@ impl Watcher {
             startup: true,
             on_event,
         };
+        let mut buf = Box::new(EventBuf([0; EVENT_BUF_LEN]));
+        state.prime(&mut buf);
         let thread_wake = Arc::clone(&wake);
         let thread = std::thread::Builder::new()
             .name("machine-watch".to_owned())
-            .spawn(move || state.run(&thread_wake))?;
+            .spawn(move || state.run(&thread_wake, &mut buf))?;
         Ok(Watcher {
             path,
             wake,
@@ -394,9 +396,39 @@ struct State<F> {
 }
 
 impl<F: FnMut(WatchEvent)> State<F> {
-    fn run(mut self, wake: &OwnedFd) {
-        let mut buf = Box::new(EventBuf([0; EVENT_BUF_LEN]));
-        if let Err(e) = self.event_loop(wake, &mut buf) {
+    /// Opens the file before `spawn` returns, so that the watcher's own
+    /// `IN_OPEN` is out of the way before anyone edits the file (see
+    /// `read_file`). The start-up read itself happens on the thread.
+    fn prime(&mut self, buf: &mut EventBuf) {
+        let regular = std::fs::metadata(&self.path).is_ok_and(|m| m.is_file());
+        if regular
+            && let Ok(file) = open_file(&self.path)
+            && let Ok(meta) = file.metadata()
+            && meta.is_file()
+        {
+            self.own_opens += 1;
+            self.held = Some(Held {
+                file,
+                dev: meta.dev(),
+                ino: meta.ino(),
+            });
+        }
+        // Errors show up again on the thread.
+        if let Ok(true) = self.drain(buf, MAX_READS_PER_CHECK) {
+            self.forget_own_events();
+        }
+    }
+
+    /// Our own events are all queued before any drain that follows the
+    /// open/close; once such a drain emptied the queue, any missing one was
+    /// merged into an identical event and will not come.
+    fn forget_own_events(&mut self) {
+        self.own_opens = 0;
+        self.own_closes = 0;
+    }
+
+    fn run(mut self, wake: &OwnedFd, buf: &mut EventBuf) {
+        if let Err(e) = self.event_loop(wake, buf) {
             log::error!(
                 "watch {}: watcher stopped: {e}; further changes are not noticed",
                 self.path.display()
@@ -651,6 +683,13 @@ impl<F: FnMut(WatchEvent)> State<F> {
 
     /// Performs the due read and reports the outcome.
     fn read_now(&mut self, buf: &mut EventBuf) -> io::Result<()> {
+        // Catch up with events queued since the last drain: they may postpone
+        // the read, and afterwards any `IN_OPEN` is either ours or news.
+        let emptied = self.drain(buf, MAX_READS_PER_CHECK)?;
+        if !emptied || self.due().is_none_or(|due| Instant::now() < due) {
+            return Ok(());
+        }
+        self.forget_own_events();
         if let Some(at) = self.busy_at() {
             log::debug!(
                 "watch {}: file busy, but no activity for {:?}; reading anyway",
@@ -664,6 +703,9 @@ impl<F: FnMut(WatchEvent)> State<F> {
         // Whatever happened to the file while it was read (e.g. the next
         // in-place save opening and truncating it) is queued by now.
         let emptied = self.drain(buf, MAX_READS_PER_CHECK)?;
+        if emptied {
+            self.forget_own_events();
+        }
         if self.seq != seq || !emptied {
             log::debug!(
                 "watch {}: file touched while being read; retrying",
@@ -723,13 +765,10 @@ impl<F: FnMut(WatchEvent)> State<F> {
             self.release(false);
             return outcome;
         }
-        if !same || std::mem::take(&mut self.reopen) {
+        let reopen = std::mem::take(&mut self.reopen);
+        if !same || reopen {
             self.release(same);
-            let file = match std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                .open(&path)
-            {
+            let file = match open_file(&path) {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Outcome::Missing,
                 Err(e) => return fail("open", &e),
@@ -804,6 +843,15 @@ impl<F: FnMut(WatchEvent)> State<F> {
             }
         }
     }
+}
+
+/// Opens `path` for reading without blocking (should it be a FIFO) and
+/// without acquiring a controlling terminal.
+fn open_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
 }
 
 /// Reads `file` from offset 0 to its end with `pread`; `None` if it is larger
@@ -966,13 +1014,7 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-    use std::sync::{PoisonError, RwLock, RwLockReadGuard};
     use std::thread::sleep;
-
-    /// Every test holds this shared while it has fds open; the fd-count test
-    /// holds it exclusively so that no other test opens or closes fds
-    /// meanwhile.
-    static FD_LOCK: RwLock<()> = RwLock::new(());
 
     /// Longer than any debounce: if nothing arrived within this, nothing
     /// will.
@@ -1010,12 +1052,11 @@ mod tests {
     }
 
     struct Fixture {
-        // Fields drop in this order: watcher first, lock guard last.
-        watcher: Option<Watcher>,
+        // Fields drop in this order: the watcher before its directory.
+        watcher: Guarded,
         rx: Receiver<WatchEvent>,
         path: PathBuf,
         dir: tempfile::TempDir,
-        _guard: RwLockReadGuard<'static, ()>,
     }
 
     impl Fixture {
@@ -1023,7 +1064,6 @@ mod tests {
         /// no file if `None`).
         fn new(initial: Option<&[u8]>) -> Fixture {
             init_log();
-            let guard = FD_LOCK.read().unwrap_or_else(PoisonError::into_inner);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join(NAME);
             if let Some(initial) = initial {
@@ -1040,11 +1080,10 @@ mod tests {
             )
             .unwrap();
             Fixture {
-                watcher: Some(watcher),
+                watcher: Guarded(Some(watcher)),
                 rx,
                 path,
                 dir,
-                _guard: guard,
             }
         }
 
@@ -1090,6 +1129,28 @@ mod tests {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
     }
 
+    /// A `Watcher` owned by a test: dropping it is timed (and fails instead
+    /// of hanging); while the test panics anyway it is leaked instead.
+    struct Guarded(Option<Watcher>);
+
+    impl Guarded {
+        fn drop_timed(&mut self) -> Duration {
+            timed_drop(self.0.take().expect("already dropped"))
+        }
+    }
+
+    impl Drop for Guarded {
+        fn drop(&mut self) {
+            if let Some(w) = self.0.take() {
+                if std::thread::panicking() {
+                    std::mem::forget(w);
+                } else {
+                    timed_drop(w);
+                }
+            }
+        }
+    }
+
     /// Drops `w` on a helper thread and returns how long that took; fails
     /// (instead of hanging) if it takes more than two seconds.
     fn timed_drop(w: Watcher) -> Duration {
@@ -1103,8 +1164,48 @@ mod tests {
             .expect("dropping the Watcher hangs")
     }
 
-    fn fd_count() -> usize {
-        fs::read_dir("/proc/self/fd").unwrap().count()
+    /// This process's open fds as (link target, fdinfo). Other tests run in
+    /// parallel threads of this process, so fds are picked out by what they
+    /// refer to rather than counted.
+    fn open_fds() -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let name = entry.file_name();
+            // An fd may be closed while we look.
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            let info_path = Path::new("/proc/self/fdinfo").join(&name);
+            let info = fs::read_to_string(info_path).unwrap_or_default();
+            out.push((target.to_string_lossy().into_owned(), info));
+        }
+        out
+    }
+
+    /// What a watcher of `file` (whose directory is `dir`) holds open: its
+    /// inotify fds watching `dir`, its eventfds with id `eventfd_id`, and
+    /// descriptors of `file`.
+    fn watcher_fds(dir: &Path, file: &Path, eventfd_id: &str) -> (usize, usize, usize) {
+        let meta = fs::metadata(dir).unwrap();
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let watch = format!(
+            "ino:{:x} sdev:{:x} ",
+            meta.ino(),
+            (u64::from(major) << 20) | u64::from(minor)
+        );
+        let file = file.to_string_lossy().into_owned();
+        let fds = open_fds();
+        let inotify = fds
+            .iter()
+            .filter(|(t, info)| t == "anon_inode:inotify" && info.contains(&watch))
+            .count();
+        let eventfd = fds
+            .iter()
+            .filter(|(t, info)| t == "anon_inode:[eventfd]" && info.contains(eventfd_id))
+            .count();
+        // A deleted file shows as "<path> (deleted)".
+        let files = fds.iter().filter(|(t, _)| t.starts_with(&file)).count();
+        (inotify, eventfd, files)
     }
 
     #[test]
@@ -1171,6 +1272,9 @@ mod tests {
     #[test]
     fn atomic_rename_saves_are_all_seen_in_order() {
         let fx = Fixture::new(Some(b"rev = 0\n"));
+        // Warm-up: the watcher thread is running.
+        write_atomic(&fx, b"warm-up\n");
+        fx.expect(changed(b"warm-up\n"));
         let saves: Vec<Vec<u8>> = (1..=100)
             .map(|i| format!("rev = {i}\n").into_bytes())
             .collect();
@@ -1179,9 +1283,15 @@ mod tests {
             sleep(Duration::from_millis(20));
         }
         let events = fx.collect();
+        let seen: Vec<String> = events
+            .iter()
+            .map(|ev| match ev {
+                WatchEvent::Changed(b) => String::from_utf8_lossy(b).trim().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
         let want: Vec<WatchEvent> = saves.iter().map(|s| changed(s)).collect();
-        assert_eq!(events.len(), want.len(), "events: {events:?}");
-        assert_eq!(events, want);
+        assert_eq!(events, want, "seen: {seen:?}");
     }
 
     #[test]
@@ -1273,11 +1383,33 @@ mod tests {
             matches!(last, WatchEvent::Unreadable(m) if m.to_lowercase().contains("directory")),
             "unexpected events {events:?}"
         );
+        // Another read with the same error: not reported again.
+        set_mode(&fx.path, 0o700);
+        fx.expect_none();
         // Back to a file with new content.
         fs::remove_dir(&fx.path).unwrap();
         fs::write(&fx.path, b"file again\n").unwrap();
         let events = fx.collect();
         assert_eq!(events.last(), Some(&changed(b"file again\n")), "{events:?}");
+    }
+
+    #[test]
+    fn fifo_at_path_is_unreadable_and_does_not_block() {
+        let fx = Fixture::new(Some(b"file\n"));
+        let fifo = fx.tmp("fifo");
+        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        fs::rename(&fifo, &fx.path).unwrap();
+        match fx.next(Duration::from_secs(2)) {
+            Some(WatchEvent::Unreadable(m)) => {
+                assert!(m.contains("not a regular file"), "message {m:?}");
+            }
+            other => panic!("expected Unreadable, got {other:?}"),
+        }
+        // Still responsive.
+        write_atomic(&fx, b"file again\n");
+        fx.expect(changed(b"file again\n"));
     }
 
     #[test]
@@ -1325,17 +1457,18 @@ mod tests {
 
     #[test]
     fn directory_moved_away_and_recreated() {
-        let _guard = FD_LOCK.read().unwrap_or_else(PoisonError::into_inner);
         let top = tempfile::tempdir().unwrap();
         let sub = top.path().join("sub");
         fs::create_dir(&sub).unwrap();
         let path = sub.join(NAME);
         fs::write(&path, b"one\n").unwrap();
         let (tx, rx) = mpsc::channel();
-        let _w = Watcher::spawn(&path, b"one\n".to_vec(), QUIET, move |ev| {
-            let _ = tx.send(ev);
-        })
-        .unwrap();
+        let _w = Guarded(Some(
+            Watcher::spawn(&path, b"one\n".to_vec(), QUIET, move |ev| {
+                let _ = tx.send(ev);
+            })
+            .unwrap(),
+        ));
         // Moving the directory away makes the file disappear from the path.
         fs::rename(&sub, top.path().join("moved")).unwrap();
         let next = || rx.recv_timeout(Duration::from_secs(2)).ok();
@@ -1387,15 +1520,16 @@ mod tests {
 
     #[test]
     fn change_before_start_is_reported() {
-        let _guard = FD_LOCK.read().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(NAME);
         fs::write(&path, b"newer\n").unwrap();
         let (tx, rx) = mpsc::channel();
-        let _w = Watcher::spawn(&path, b"older\n".to_vec(), QUIET, move |ev| {
-            let _ = tx.send(ev);
-        })
-        .unwrap();
+        let _w = Guarded(Some(
+            Watcher::spawn(&path, b"older\n".to_vec(), QUIET, move |ev| {
+                let _ = tx.send(ev);
+            })
+            .unwrap(),
+        ));
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(2)).ok(),
             Some(changed(b"newer\n"))
@@ -1427,21 +1561,22 @@ mod tests {
             eprintln!("note: max_queued_events = {max}; skipping the overflow test");
             return;
         }
-        let _guard = FD_LOCK.read().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(NAME);
         fs::write(&path, b"A").unwrap();
         let (tx, rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let mut first = true;
-        let _w = Watcher::spawn(&path, b"A".to_vec(), QUIET, move |ev| {
-            let _ = tx.send(ev);
-            if std::mem::take(&mut first) {
-                // Block the watcher thread so that its queue fills up.
-                let _ = release_rx.recv_timeout(Duration::from_secs(10));
-            }
-        })
-        .unwrap();
+        let _w = Guarded(Some(
+            Watcher::spawn(&path, b"A".to_vec(), QUIET, move |ev| {
+                let _ = tx.send(ev);
+                if std::mem::take(&mut first) {
+                    // Block the watcher thread so that its queue fills up.
+                    let _ = release_rx.recv_timeout(Duration::from_secs(10));
+                }
+            })
+            .unwrap(),
+        ));
         fs::write(&path, b"B").unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(2)).ok(),
@@ -1468,38 +1603,48 @@ mod tests {
 
     #[test]
     fn drop_joins_quickly_and_closes_fds() {
-        let _exclusive = FD_LOCK.write().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(NAME);
+        // Canonical, as /proc shows it.
+        let dir_path = fs::canonicalize(dir.path()).unwrap();
+        let path = dir_path.join(NAME);
         fs::write(&path, b"1").unwrap();
-        let before = fd_count();
         let (tx, rx) = mpsc::channel();
-        let w = Watcher::spawn(&path, b"1".to_vec(), QUIET, move |ev| {
-            let _ = tx.send(ev);
-        })
-        .unwrap();
+        let mut w = Guarded(Some(
+            Watcher::spawn(&path, b"1".to_vec(), QUIET, move |ev| {
+                let _ = tx.send(ev);
+            })
+            .unwrap(),
+        ));
+        let wake = w.0.as_ref().unwrap().wake.as_raw_fd();
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{wake}")).unwrap();
+        let eventfd_id = info
+            .lines()
+            .find(|l| l.starts_with("eventfd-id:"))
+            .map(|l| format!("{l}\n"))
+            .unwrap_or_else(|| info.clone());
+        let fds = || watcher_fds(&dir_path, &path, &eventfd_id);
         let next = || rx.recv_timeout(Duration::from_secs(2)).ok();
         fs::write(&path, b"2").unwrap();
         assert_eq!(next(), Some(changed(b"2")));
-        assert_eq!(fd_count(), before + 3, "inotify fd + eventfd + the file");
+        assert_eq!(fds(), (1, 1, 1), "inotify fd, eventfd, the file");
         // The file's descriptor is given up when the file goes away...
         fs::remove_file(&path).unwrap();
         assert_eq!(next(), Some(WatchEvent::Deleted));
-        assert_eq!(fd_count(), before + 2, "inotify fd + eventfd");
+        assert_eq!(fds(), (1, 1, 0), "inotify fd, eventfd, no file");
         // ...and taken again when it comes back.
         fs::write(&path, b"3").unwrap();
         assert_eq!(next(), Some(changed(b"3")));
-        assert_eq!(fd_count(), before + 3, "inotify fd + eventfd + the file");
+        assert_eq!(fds(), (1, 1, 1), "inotify fd, eventfd, the file");
         // The thread is idle in ppoll with no timeout now.
         sleep(Duration::from_millis(20));
-        let took = timed_drop(w);
+        let took = w.drop_timed();
         assert!(took < Duration::from_millis(100), "drop took {took:?}");
         // The callback (and with it the sender) is gone.
         assert_eq!(
             rx.recv_timeout(Duration::from_millis(10)),
             Err(RecvTimeoutError::Disconnected)
         );
-        assert_eq!(fd_count(), before, "fds leaked");
+        assert_eq!(fds(), (0, 0, 0), "fds left open");
     }
 
     #[test]
@@ -1510,13 +1655,12 @@ mod tests {
         let _file = fs::File::create(&fx.path).unwrap();
         sleep(QUIET * 3);
         let mut fx = fx;
-        let took = timed_drop(fx.watcher.take().unwrap());
+        let took = fx.watcher.drop_timed();
         assert!(took < Duration::from_millis(100), "drop took {took:?}");
     }
 
     #[test]
     fn spawn_errors() {
-        let _guard = FD_LOCK.read().unwrap_or_else(PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let nop = |_| {};
         let missing = dir.path().join("no-such-dir").join(NAME);
