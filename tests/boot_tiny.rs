@@ -292,6 +292,7 @@ fn memory_the_host_cannot_map_is_a_clear_error() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"));
     cmd.arg("up")
         .arg(&m.file)
+        .env("VMM_RUNTIME_DIR", m.dir.path())
         .stdin(std::process::Stdio::null());
     use std::os::unix::process::CommandExt;
     // SAFETY: setrlimit is async-signal-safe and only affects the child.

@@ -79,6 +79,7 @@ fn on_pty(
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .arg("up")
         .arg(&m.file)
+        .env("VMM_RUNTIME_DIR", m.dir.path())
         .stdin(dup(&p.slave))
         .stdout(dup(&p.slave))
         .stderr(dup(&p.slave))

@@ -34,13 +34,16 @@ struct Regs {
     removing: u32,
 }
 
+/// Hears of the guest's ejects (bitmap of slots), on a vCPU thread.
+pub type EjectFn = Box<dyn Fn(u32) + Send>;
+
 /// The state shared by the port device (guest side) and the VM's owner (host side).
 pub struct Hotplug {
     regs: Mutex<Regs>,
     /// Slots that can be hot-plugged at all.
     slots: u32,
     irq: Arc<dyn Irq>,
-    on_eject: Mutex<Option<Box<dyn Fn(u32) + Send>>>,
+    on_eject: Mutex<Option<EjectFn>>,
 }
 
 impl Hotplug {
@@ -60,7 +63,7 @@ impl Hotplug {
 
     /// Who hears of ejects: called with the slots the guest released, on the vCPU's thread
     /// (it must only hand them on).
-    pub fn set_on_eject(&self, f: Box<dyn Fn(u32) + Send>) {
+    pub fn set_on_eject(&self, f: EjectFn) {
         *self.on_eject.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
@@ -155,10 +158,10 @@ impl Hotplug {
                 "the guest ejected slot(s) {ignored:#x}, which the machine file still has: ignored"
             );
         }
-        if ejected != 0 {
-            if let Some(f) = &*self.on_eject.lock().unwrap_or_else(|e| e.into_inner()) {
-                f(ejected);
-            }
+        if ejected != 0
+            && let Some(f) = &*self.on_eject.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            f(ejected);
         }
     }
 }
@@ -168,7 +171,7 @@ pub struct HotplugPorts(pub Arc<Hotplug>);
 
 impl BusDevice for HotplugPorts {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.0.guest_read(offset).to_le_bytes());
         } else {
             data.fill(0xff);
@@ -176,10 +179,10 @@ impl BusDevice for HotplugPorts {
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if let Ok(v) = <[u8; 4]>::try_from(data) {
-            if offset % 4 == 0 {
-                self.0.guest_write(offset, u32::from_le_bytes(v));
-            }
+        if let Ok(v) = <[u8; 4]>::try_from(data)
+            && offset.is_multiple_of(4)
+        {
+            self.0.guest_write(offset, u32::from_le_bytes(v));
         }
     }
 }

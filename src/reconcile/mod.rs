@@ -480,12 +480,12 @@ impl<T: Target> Reconciler<T> {
     pub fn tick(&mut self, now: Instant) {
         let mut again = Vec::new();
         for (node, state) in self.in_vm.values_mut() {
-            if let InVm::Unplugging { signalled, .. } = state {
-                if now.duration_since(*signalled) >= RESIGNAL {
-                    *signalled = now;
-                    if let Some(slot) = slot_of(node) {
-                        again.push((slot, node.name.clone()));
-                    }
+            if let InVm::Unplugging { signalled, .. } = state
+                && now.duration_since(*signalled) >= RESIGNAL
+            {
+                *signalled = now;
+                if let Some(slot) = slot_of(node) {
+                    again.push((slot, node.name.clone()));
                 }
             }
         }
@@ -516,13 +516,13 @@ impl<T: Target> Reconciler<T> {
             }));
         }
         for (name, why) in &self.failed {
-            if let Some(node) = g.device(name) {
-                if !self.in_vm.contains_key(name) {
-                    devices.push(json!({
-                        "name": name, "kind": node.kind, "slot": slot_of(node),
-                        "hotplug": true, "state": "plug-failed", "error": why,
-                    }));
-                }
+            if let Some(node) = g.device(name)
+                && !self.in_vm.contains_key(name)
+            {
+                devices.push(json!({
+                    "name": name, "kind": node.kind, "slot": slot_of(node),
+                    "hotplug": true, "state": "plug-failed", "error": why,
+                }));
             }
         }
         let slots: Vec<Value> = g

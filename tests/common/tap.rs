@@ -19,6 +19,18 @@ impl Tap {
     /// None when the host cannot (not root, no /dev/net/tun, no `ip`).
     pub fn new(name: &str, host_cidr: &str) -> Option<Tap> {
         let _ = Command::new("ip").args(["link", "del", name]).output();
+        // Another interface in the same subnet (a TAP some other run left behind) would get
+        // the guest's replies: say so rather than fail mysteriously.
+        let addr = host_cidr.split('/').next().unwrap_or(host_cidr);
+        let prefix = &addr[..addr.rfind('.').unwrap_or(0) + 1];
+        if let Ok(out) = Command::new("ip").args(["-o", "-4", "addr"]).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if let Some(l) = text.lines().find(|l| l.contains(&format!("inet {prefix}"))) {
+                panic!(
+                    "another host interface is in {prefix}0/24 and would take the test's traffic: {l}"
+                );
+            }
+        }
         if !ip(&["tuntap", "add", "dev", name, "mode", "tap"]) {
             return None;
         }
