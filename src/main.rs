@@ -393,13 +393,23 @@ fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf
     if let Some(m) = machine {
         let p = Path::new(m);
         if p.is_file() {
-            let loaded = vmm::spec::load_file(p).map_err(|r| {
-                format!(
-                    "cannot tell which VM runs {m}: the file does not load:\n{}",
-                    r.render(false, 100)
-                )
-            })?;
-            return Ok(control::socket_path(&loaded.spec.name.to_string()));
+            // The name is all that is needed: an otherwise invalid file still names its VM,
+            // which then reports every problem in it.
+            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {m}: {e}"))?;
+            let format = vmm::spec::source::Format::of_path(p);
+            let name = vmm::spec::source::parse(&text, format)
+                .ok()
+                .and_then(|d| d.value.get("name")?.as_str().map(str::to_string));
+            return match name {
+                Some(n) => Ok(control::socket_path(&n)),
+                None => match vmm::spec::load_file(p) {
+                    Err(r) => Err(format!(
+                        "cannot tell which VM runs {m}: it names no machine:\n{}",
+                        r.render(false, 100)
+                    )),
+                    Ok(l) => Ok(control::socket_path(&l.spec.name.to_string())),
+                },
+            };
         }
         return Ok(control::socket_path(m));
     }

@@ -121,3 +121,116 @@ fn add_remove_cycles_leak_nothing() {
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(s["hotplug_free"], 2, "{s}");
 }
+
+/// The control socket commands against a running VM: `vmm plan FILE` changes nothing,
+/// `vmm apply FILE` does what a save does, bad files and bad requests get clear answers, and
+/// `vmm status` / `vmm stop` find the VM by name, by file, or as the only one running.
+#[test]
+fn control_socket_commands() {
+    let test = "control_socket_commands";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let tap_name = Tap::unique_name("vmmk");
+    let Some(_tap) = Tap::new(&tap_name, "10.213.12.1/24") else {
+        common::skip(
+            test,
+            "cannot create a TAP interface (needs root and /dev/net/tun)",
+        );
+        return;
+    };
+    let m = Machine::new(&tiny("hotplug"), &BODY.replace("churn", "ctl"));
+    let base = std::fs::read_to_string(&m.file).unwrap();
+    let other = m.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!("{base}\n[[net]]\nname = \"n\"\ntap = \"{tap_name}\"\n"),
+    )
+    .unwrap();
+    let bad = m.dir.path().join("bad.toml");
+    std::fs::write(&bad, base.replace("vcpus = 1", "vcpus = 0")).unwrap();
+    let restart = m.dir.path().join("restart.toml");
+    std::fs::write(&restart, base.replace("16M", "32M")).unwrap();
+    let mut vm = Vm::start(&m.file, Duration::from_secs(120), &[]);
+    vm.expect("HP-READY");
+    let path = |p: &Path| p.display().to_string();
+
+    // plan: what would happen, nothing happens.
+    let (rc, out, err) = vm.vmm(&["plan", &path(&other)]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("would apply 1 live change"), "{out}");
+    assert!(out.contains("+ net `n`: add into hotplug slot 30"), "{out}");
+    let (_, st, _) = vm.vmm(&["status", "ctl"]);
+    assert!(st.contains("2 free of 2"), "{st}");
+
+    // apply: the device arrives in the guest.
+    let (rc, out, err) = vm.vmm(&["apply", &path(&other)]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(
+        out.contains("+ net `n`: plugged into hotplug slot 30"),
+        "{out}"
+    );
+    vm.expect("HP+ 1e 1af4:1041");
+    // Status by file, and as the only VM; human and JSON.
+    let (rc, st, _) = vm.vmm(&["status", &path(&m.file)]);
+    assert_eq!(rc, 0);
+    assert!(st.contains("net      \"n\""), "{st}");
+    assert!(st.contains("30 used (n)"), "{st}");
+    let (_, js, _) = vm.vmm(&["status", "--format", "json"]);
+    let s: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert_eq!(s["hotplug_free"], 1, "{s}");
+
+    // Applying the same file again changes nothing; bad and restart-only files are refused.
+    let (rc, out, _) = vm.vmm(&["apply", &path(&other)]);
+    assert_eq!(rc, 0);
+    assert!(out.contains("no changes"), "{out}");
+    let (rc, out, _) = vm.vmm(&["apply", &path(&bad)]);
+    assert_eq!(rc, 2, "{out}");
+    assert!(out.contains("invalid, not applied"), "{out}");
+    assert!(out.contains("vcpus"), "{out}");
+    let (rc, out, _) = vm.vmm(&["apply", &path(&restart)]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("needs a restart") || out.contains("need a restart"),
+        "{out}"
+    );
+    assert!(out.contains("memory"), "{out}");
+
+    // Removing through apply: the guest ejects, vmm removes it.
+    let (rc, _, _) = vm.vmm(&["apply", &path(&m.file)]);
+    assert_eq!(rc, 0);
+    vm.expect("EJ 1e");
+    vm.expect_stderr("removed after the guest released it", 1);
+
+    // A request that is not the protocol gets an error answer, and the VM keeps going.
+    let sock = vm_socket(&vm);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    use std::io::{BufRead, Write};
+    s.write_all(b"{\"op\":\"reboot\"}\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&s).read_line(&mut answer).unwrap();
+    assert!(answer.contains("\"status\":\"error\""), "{answer}");
+    assert!(answer.contains("bad request"), "{answer}");
+
+    // Unknown machine: a clear error.
+    let (rc, _, err) = vm.vmm(&["status", "nosuchvm"]);
+    assert_eq!(rc, 1);
+    assert!(
+        err.contains("cannot reach the VM's control socket"),
+        "{err}"
+    );
+
+    let (rc, _, _) = vm.vmm(&["stop"]);
+    assert_eq!(rc, 0);
+    let (code, _, stderr) = vm.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!sock.exists(), "the socket is removed when the VM ends");
+}
+
+/// The control socket of the only VM in `vm`'s runtime directory.
+fn vm_socket(vm: &Vm) -> std::path::PathBuf {
+    let (_, js, _) = vm.vmm(&["status", "--format", "json"]);
+    let s: serde_json::Value = serde_json::from_str(&js).unwrap();
+    vm.runtime_dir()
+        .join(format!("{}.sock", s["machine"].as_str().unwrap()))
+}

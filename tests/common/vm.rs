@@ -105,6 +105,14 @@ impl Vm {
         )
     }
 
+    /// The directory of this VM's control socket.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self._dir
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default()
+    }
+
     /// Waits until vmm's stderr contains `pat` `n` times; panics with it on timeout.
     pub fn expect_stderr(&mut self, pat: &str, n: usize) -> String {
         loop {
