@@ -82,31 +82,11 @@ poll:
 
 /* read_id: returns in EAX dword 0 (vendor/device) of bus 0, slot EDI, function 0. */
 read_id:
-        push    %edx
         mov     %edi, %eax
         shl     $11, %eax               /* bus 0, device EDI, function 0, register 0 */
-        or      $PCI_ENABLE, %eax
-        mov     $PCI_CONFIG_ADDR, %dx
-        out     %eax, %dx
-        mov     $PCI_CONFIG_DATA, %dx
-        in      %dx, %eax
-        pop     %edx
-        ret
+        jmp     pci_read
 
-/* show_device: write "dd vvvv:dddd\n" for slot number EDI and ID dword EAX. */
-show_device:
-        push    %eax
-        mov     %edi, %eax
-        call    hex2
-        putch   ' '
-        pop     %eax
-        call    hex4                    /* vendor: low 16 bits */
-        putch   ':'
-        ror     $16, %eax
-        call    hex4                    /* device: high 16 bits */
-        ror     $16, %eax
-        putch   '\n'
-        ret
+#include "pci.inc"
 
         .section .bss
         .balign 4

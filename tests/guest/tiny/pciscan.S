@@ -45,28 +45,4 @@ next_device:
         putch   '\n'
         ret
 
-/* pci_read: EAX = bus<<16 | device<<11 | function<<8 | register; returns the dword in EAX. */
-pci_read:
-        push    %edx
-        or      $PCI_ENABLE, %eax
-        mov     $PCI_CONFIG_ADDR, %dx
-        out     %eax, %dx
-        mov     $PCI_CONFIG_DATA, %dx
-        in      %dx, %eax
-        pop     %edx
-        ret
-
-/* show_device: write "dd vvvv:dddd\n" for device number EDI and ID dword EAX. */
-show_device:
-        push    %eax
-        mov     %edi, %eax
-        call    hex2
-        putch   ' '
-        pop     %eax
-        call    hex4                    /* vendor: low 16 bits */
-        putch   ':'
-        ror     $16, %eax
-        call    hex4                    /* device: high 16 bits */
-        ror     $16, %eax
-        putch   '\n'
-        ret
+#include "pci.inc"
