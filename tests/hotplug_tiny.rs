@@ -220,11 +220,41 @@ fn control_socket_commands() {
         "{err}"
     );
 
+    // A second VM of the same name runs, without a control socket, and says so; the first
+    // keeps its socket.
+    let runtime = vm.runtime_dir();
+    let mut twin = Vm::start(
+        &m.file,
+        Duration::from_secs(60),
+        &[("VMM_RUNTIME_DIR", runtime.to_str().unwrap())],
+    );
+    twin.expect("HP-READY");
+    twin.expect_stderr(
+        "another running VM of that name answers on it; running without it",
+        1,
+    );
+    let (rc, _, _) = vm.vmm(&["status", "ctl"]);
+    assert_eq!(rc, 0);
+    drop(twin);
+
     let (rc, _, _) = vm.vmm(&["stop"]);
     assert_eq!(rc, 0);
     let (code, _, stderr) = vm.finish();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!sock.exists(), "the socket is removed when the VM ends");
+
+    // No VM left: `vmm status` says where it looked.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("status")
+        .env("VMM_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no running VM has a control socket in"),
+        "{err}"
+    );
 }
 
 /// The control socket of the only VM in `vm`'s runtime directory.

@@ -316,3 +316,28 @@ fn failed_plugs_are_reported_and_retried() {
         "edit() reports to its caller, not the terminal: {said:?}"
     );
 }
+
+#[test]
+fn a_deleted_or_unreadable_file_is_reported_and_changes_nothing() {
+    use vmm::reconcile::Event;
+    use vmm::reconcile::watch::WatchEvent;
+    let mut s = Setup::new(&format!("{BASE}{}", nic("eth1", "tap1")));
+    assert!(s.r.handle(Event::File(WatchEvent::Deleted)));
+    assert!(s.r.handle(Event::File(WatchEvent::Unreadable(
+        "Permission denied (os error 13)".into()
+    ))));
+    let said = s.said.lock().unwrap().clone();
+    assert!(
+        said[0].contains("deleted; the VM keeps running as it is"),
+        "{said:?}"
+    );
+    assert!(
+        said[1].contains("cannot be read (Permission denied (os error 13)); the VM is unchanged"),
+        "{said:?}"
+    );
+    assert!(s.fake.take().is_empty());
+    assert_eq!(s.slots()[0], (30, "used".into()));
+    // A save afterwards is planned against the last good file, as usual.
+    assert!(s.r.handle(Event::File(WatchEvent::Changed(BASE.as_bytes().to_vec()))));
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+}

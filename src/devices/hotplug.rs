@@ -126,7 +126,8 @@ impl Hotplug {
     }
 
     /// Slots with a removal request the guest has not answered.
-    pub fn removing(&self) -> u32 {
+    #[cfg(test)]
+    fn removing(&self) -> u32 {
         self.regs().removing
     }
 

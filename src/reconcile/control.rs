@@ -106,10 +106,6 @@ impl Server {
             thread: Some(thread),
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for Server {

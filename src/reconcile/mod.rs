@@ -176,11 +176,6 @@ impl<T: Target> Reconciler<T> {
         }
     }
 
-    /// The machine the VM is converging on.
-    pub fn desired(&self) -> &Checked {
-        &self.desired
-    }
-
     fn say(&mut self, line: &str) {
         (self.out)(line);
     }

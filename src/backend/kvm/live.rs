@@ -159,11 +159,6 @@ impl LiveVm {
         Ok(last)
     }
 
-    /// Slots with a removal request the guest has not answered.
-    pub fn unplugs_pending(&self) -> u32 {
-        self.hotplug.as_ref().map_or(0, |h| h.removing())
-    }
-
     /// Ends the VM (`vmm stop`).
     pub fn stop(&self, why: &str) {
         self.exit.finish(Outcome::Stopped(why.to_string()));
