@@ -422,20 +422,29 @@ fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf
         })
         .unwrap_or_default();
     socks.sort();
-    match socks.len() {
-        1 => Ok(socks.remove(0)),
-        0 => Err(format!(
+    // A VM killed without its cleanup leaves its socket file behind: only sockets that
+    // accept a connection count.
+    let (live, stale): (Vec<PathBuf>, Vec<PathBuf>) = socks
+        .into_iter()
+        .partition(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
+    let names = |ps: &[PathBuf]| {
+        ps.iter()
+            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match live.len() {
+        1 => Ok(live[0].clone()),
+        0 if stale.is_empty() => Err(format!(
             "no running VM has a control socket in {}",
             dir.display()
         )),
-        _ => Err(format!(
-            "several VMs run ({}): name one",
-            socks
-                .iter()
-                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .collect::<Vec<_>>()
-                .join(", ")
+        0 => Err(format!(
+            "no running VM has a control socket in {} (left by VMs that are gone: {})",
+            dir.display(),
+            names(&stale)
         )),
+        _ => Err(format!("several VMs run ({}): name one", names(&live))),
     }
 }
 

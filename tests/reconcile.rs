@@ -341,3 +341,114 @@ fn a_deleted_or_unreadable_file_is_reported_and_changes_nothing() {
     assert!(s.r.handle(Event::File(WatchEvent::Changed(BASE.as_bytes().to_vec()))));
     assert_eq!(s.fake.take(), ["unplug 30"]);
 }
+
+/// Machine `name` with absolute paths into `assets`, so that the file may live anywhere.
+fn machine_in(assets: &Path, name: &str, extra: &str) -> String {
+    let base = BASE
+        .replace("name = \"m\"", &format!("name = \"{name}\""))
+        .replace("\"vmlinux\"", &format!("{:?}", assets.join("vmlinux")))
+        .replace("\"disk.img\"", &format!("{:?}", assets.join("disk.img")));
+    format!("{base}{extra}")
+}
+
+fn vmm_cli(runtime: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .env("VMM_RUNTIME_DIR", runtime)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A running reconciler (real watcher and control socket, recording target) whose file is
+/// `file`, checked from `checked_from`.
+fn live(
+    file: &Path,
+    checked_from: &Path,
+    socket: PathBuf,
+) -> (vmm::reconcile::Live, Fake, Arc<Mutex<Vec<String>>>) {
+    let checked =
+        vmm::check_file(checked_from).unwrap_or_else(|r| panic!("{}", r.render(false, 100)));
+    let fake = Fake::default();
+    let said = Arc::new(Mutex::new(Vec::new()));
+    let s2 = said.clone();
+    let (l, _) = vmm::reconcile::Live::start(
+        fake.clone(),
+        file,
+        checked,
+        Some(socket),
+        Box::new(move |l| s2.lock().unwrap().push(l.to_string())),
+    );
+    (l, fake, said)
+}
+
+/// A machine file whose directory cannot be watched still takes `vmm apply`; `vmm status`
+/// finds the one VM that answers, ignores sockets left by VMs that are gone, and asks for a
+/// name when several run.
+#[test]
+fn cli_finds_running_vms_and_applies_without_a_watch() {
+    let root = tempfile::tempdir().unwrap();
+    let assets = root.path().join("assets");
+    let runtime = root.path().join("run");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::write(assets.join("vmlinux"), b"kernel").unwrap();
+    std::fs::write(assets.join("disk.img"), vec![0u8; 4096]).unwrap();
+    let m_file = root.path().join("m.toml");
+    std::fs::write(&m_file, machine_in(&assets, "m", "")).unwrap();
+
+    // The VM's file is in a directory that does not exist: no watch.
+    let unwatchable = root.path().join("gone").join("m.toml");
+    let (vm_m, fake_m, said_m) = live(&unwatchable, &m_file, runtime.join("m.sock"));
+    let said = said_m.lock().unwrap().clone();
+    assert!(
+        said.iter().any(|l| l.contains("cannot watch it")
+            && l.contains("edits are not applied (vmm apply still works)")),
+        "{said:?}"
+    );
+    // A socket file whose VM is gone (nothing listens).
+    drop(std::os::unix::net::UnixListener::bind(runtime.join("gone.sock")).unwrap());
+
+    let (rc, out, err) = vmm_cli(&runtime, &["status"]);
+    assert_eq!(rc, Some(0), "{err}");
+    assert!(out.starts_with("machine m "), "{out}");
+
+    std::fs::write(&m_file, machine_in(&assets, "m", &nic("eth1", "tap1"))).unwrap();
+    let (rc, out, err) = vmm_cli(&runtime, &["apply", m_file.to_str().unwrap()]);
+    assert_eq!(rc, Some(0), "{out}{err}");
+    assert_eq!(fake_m.take(), ["plug eth1 30"]);
+
+    // A second VM (this one watched).
+    let n_file = root.path().join("n.toml");
+    std::fs::write(&n_file, machine_in(&assets, "n", "")).unwrap();
+    let (vm_n, _fake_n, said_n) = live(&n_file, &n_file, runtime.join("n.sock"));
+    let (rc, _, err) = vmm_cli(&runtime, &["status"]);
+    assert_eq!(rc, Some(1));
+    assert!(err.contains("several VMs run (m, n): name one"), "{err}");
+    let (rc, out, err) = vmm_cli(&runtime, &["status", "n"]);
+    assert_eq!(rc, Some(0), "{err}");
+    assert!(out.starts_with("machine n "), "{out}");
+    assert!(
+        !said_n
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("cannot watch")),
+        "{:?}",
+        said_n.lock().unwrap()
+    );
+
+    drop(vm_m);
+    drop(vm_n);
+    let (rc, _, err) = vmm_cli(&runtime, &["status"]);
+    assert_eq!(rc, Some(1));
+    assert!(
+        err.contains("no running VM has a control socket in")
+            && err.contains("(left by VMs that are gone: gone)"),
+        "{err}"
+    );
+}

@@ -161,6 +161,10 @@ fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+    if line.is_empty() {
+        // Closed without a request: a client checking that the VM runs.
+        return Ok(());
+    }
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => {
             let (rtx, rrx) = mpsc::channel();
