@@ -4,12 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::vm::{Machine, Vm, kvm_or_skip, sh, value};
+use common::vm::{LINUX_LIMIT, Machine, Vm, kvm_or_skip, one_linux_guest_at_a_time, sh, value};
 use common::{guest_artifacts, root};
-
-const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
 /// A machine running the test kernel in test mode with `vcpus` and `memory`.
 fn machine(vcpus: u32, memory: &str) -> Machine {
@@ -39,7 +37,8 @@ fn linux_boots_and_sees_the_machine_then_powers_off() {
         return;
     }
     let m = machine(2, "64M");
-    let mut vm = Vm::start(&m.file, BOOT_LIMIT, &[]);
+    let _guest = one_linux_guest_at_a_time();
+    let mut vm = Vm::start(&m.file, LINUX_LIMIT, &[]);
     let ready = vm.expect("VMM-READY");
     eprintln!("guest reached /init: {ready}");
 
@@ -136,7 +135,8 @@ fn linux_reboot_through_the_i8042_ends_vmm() {
         return;
     }
     let m = machine(1, "64M");
-    let mut vm = Vm::start(&m.file, BOOT_LIMIT, &[]);
+    let _guest = one_linux_guest_at_a_time();
+    let mut vm = Vm::start(&m.file, LINUX_LIMIT, &[]);
     vm.expect("VMM-READY");
     vm.send("reboot -f\n");
     let (code, out, err) = vm.finish();

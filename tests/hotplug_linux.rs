@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::tap::Tap;
-use common::vm::{Machine, Vm, kvm_or_skip, sh, value};
+use common::vm::{LINUX_LIMIT, Machine, Vm, kvm_or_skip, one_linux_guest_at_a_time, sh, value};
 use common::{guest_artifacts, root};
 
 /// Saves `text` at `path` the way vim and VS Code do: a temporary file renamed over it.
@@ -85,7 +84,8 @@ io = "stdio"
     let original = std::fs::read_to_string(&file).unwrap();
     let with_nic = format!("{original}{}", nic("uplink", &tap_name, MAC));
 
-    let mut vm = Vm::start(&file, Duration::from_secs(600), &[]);
+    let _guest = one_linux_guest_at_a_time();
+    let mut vm = Vm::start(&file, LINUX_LIMIT, &[]);
     vm.expect("VMM-READY");
     let pid = vm.pid();
     assert_eq!(tun_fds(pid), 0);

@@ -8,7 +8,7 @@ tests/deps.sh
 tests/guest/build.sh || { echo "building the test guest failed" >&2; exit 1; }
 mkdir -p target
 rm -f target/test-skips.txt
-cargo test --color never 2>&1 | tee target/test-output.txt
+cargo test --no-fail-fast --color never 2>&1 | tee target/test-output.txt
 rc=${PIPESTATUS[0]}
 read -r passed failed ignored < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::tap::{Tap, echo_server};
-use common::vm::{Machine, Vm, kvm_or_skip, sh, value};
+use common::vm::{LINUX_LIMIT, Machine, Vm, kvm_or_skip, one_linux_guest_at_a_time, sh, value};
 use common::{guest_artifacts, root};
 
 #[test]
@@ -67,7 +67,8 @@ name = "rng0"
     );
     let m = Machine::new(&g.join("vmlinux"), &body);
     let sock = m.file.parent().unwrap().join("hvc.sock");
-    let mut vm = Vm::start(&m.file, Duration::from_secs(400), &[]);
+    let _guest = one_linux_guest_at_a_time();
+    let mut vm = Vm::start(&m.file, LINUX_LIMIT, &[]);
     vm.expect("VMM-READY");
 
     // Drivers bound: four virtio functions on bus 0.

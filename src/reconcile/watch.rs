@@ -1323,7 +1323,11 @@ mod tests {
             revs.windows(2).all(|w| w[0] < w[1]),
             "went back or repeated: {revs:?}"
         );
-        assert_eq!(revs.last(), Some(&100), "did not end at the last save: {revs:?}");
+        assert_eq!(
+            revs.last(),
+            Some(&100),
+            "did not end at the last save: {revs:?}"
+        );
         if revs.len() < 100 {
             eprintln!(
                 "note: {} of 100 paced rename saves reported (starved watcher thread)",

@@ -25,6 +25,42 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
+/// How long a test waits for a Linux guest under vmm before it gives up: a net for hangs, not
+/// a speed check (speed is measured in benches and docs/performance.md). Under PVM the test
+/// kernel reaches /init in 50–110 s depending on the host, and a loaded runner can take a few
+/// times that.
+pub const LINUX_LIMIT: Duration = Duration::from_secs(1200);
+
+/// Holds the right to run a Linux guest; see [`one_linux_guest_at_a_time`].
+pub struct LinuxGuest(#[allow(dead_code)] std::fs::File);
+
+/// Linux guests run one at a time (an exclusive lock on a file in the target directory, so
+/// also across test binaries and concurrent `cargo test`s): the kernel's boot runs in KVM's
+/// instruction emulator, and two of them on two cores took 216 s to /init instead of 104 s.
+pub fn one_linux_guest_at_a_time() -> LinuxGuest {
+    use std::os::fd::AsRawFd;
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-guest.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return LinuxGuest(f);
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted,
+            "flock {}: {e}",
+            path.display()
+        );
+    }
+}
+
 /// The tiny guests (tests/guest/tiny), built once into target/tiny.
 pub fn tiny(name: &str) -> PathBuf {
     let dir = root().join("target/tiny");
