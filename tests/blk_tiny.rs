@@ -246,7 +246,7 @@ fn a_full_host_disk_is_an_io_error_not_a_crash() {
     let last_ack: u64 = out
         .lines()
         .filter_map(|l| l.strip_prefix("ACK "))
-        .last()
+        .next_back()
         .unwrap()
         .trim()
         .parse()

@@ -52,10 +52,10 @@ impl Lsp {
                 if out.read_exact(&mut body).is_err() {
                     return;
                 }
-                if let Ok(v) = serde_json::from_slice(&body) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
+                if let Ok(v) = serde_json::from_slice(&body)
+                    && tx.send(v).is_err()
+                {
+                    return;
                 }
             }
         });

@@ -75,10 +75,10 @@ impl DeviceSpec for BlockSpec {
                 );
             }
         }
-        if let Some(s) = &self.serial {
-            if !s.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
-                cx.error("serial", "The serial number must be printable ASCII");
-            }
+        if let Some(s) = &self.serial
+            && !s.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        {
+            cx.error("serial", "The serial number must be printable ASCII");
         }
     }
     fn build(
@@ -292,10 +292,10 @@ fn read_guest<M: GuestMemory>(mem: &M, addr: GuestAddress, buf: &mut [u8]) -> Re
 }
 
 fn write_status<M: GuestMemory>(mem: &M, at: GuestAddress, status: u8) {
-    if let Ok(mut it) = mem.get_slices(at, 1, Permissions::Write) {
-        if let Some(Ok(s)) = it.next() {
-            let _ = s.write_obj(status, 0);
-        }
+    if let Ok(mut it) = mem.get_slices(at, 1, Permissions::Write)
+        && let Some(Ok(s)) = it.next()
+    {
+        let _ = s.write_obj(status, 0);
     }
 }
 
@@ -370,7 +370,7 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
     };
     match r.kind {
         VIRTIO_BLK_T_IN => {
-            if !writable || bytes as u64 % SECTOR_SIZE != 0 || !in_range(bytes as u64) {
+            if !writable || !(bytes as u64).is_multiple_of(SECTOR_SIZE) || !in_range(bytes as u64) {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             match transfer(disk, r.sector * SECTOR_SIZE, &r.data, false) {
@@ -384,7 +384,7 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
         VIRTIO_BLK_T_OUT => {
             if disk.readonly
                 || !readable
-                || bytes as u64 % SECTOR_SIZE != 0
+                || !(bytes as u64).is_multiple_of(SECTOR_SIZE)
                 || !in_range(bytes as u64)
             {
                 return (VIRTIO_BLK_S_IOERR, 0);
@@ -427,7 +427,7 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if disk.readonly
                 || !readable
-                || bytes % 16 != 0
+                || !bytes.is_multiple_of(16)
                 || bytes / 16 > MAX_RANGE_SEGMENTS as usize
             {
                 return (VIRTIO_BLK_S_IOERR, 0);

@@ -49,15 +49,15 @@ impl Bus {
         }
         let end = base.checked_add(len).ok_or(BusError::Empty(base))?;
         // The range starting at or below `end - 1` that is closest must end at or below `base`.
-        if let Some((&b, &(l, _))) = self.ranges.range(..end).next_back() {
-            if b + l > base {
-                return Err(BusError::Overlap {
-                    base,
-                    len,
-                    other_base: b,
-                    other_len: l,
-                });
-            }
+        if let Some((&b, &(l, _))) = self.ranges.range(..end).next_back()
+            && b + l > base
+        {
+            return Err(BusError::Overlap {
+                base,
+                len,
+                other_base: b,
+                other_len: l,
+            });
         }
         self.ranges.insert(base, (len, dev));
         Ok(())

@@ -175,19 +175,19 @@ impl PciRoot {
     }
 
     pub fn write(&self, bus: u8, dev: u8, func: u8, offset: u16, data: &[u8]) {
-        if let Some(f) = self.function(bus, dev, func) {
-            if (offset as usize) + data.len() <= EXT_CONFIG_SIZE {
-                f.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .config_write(offset, data);
-            }
+        if let Some(f) = self.function(bus, dev, func)
+            && (offset as usize) + data.len() <= EXT_CONFIG_SIZE
+        {
+            f.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config_write(offset, data);
         }
     }
 }
 
 /// Only naturally aligned accesses of 1, 2 or 4 bytes reach a function.
 fn aligned(offset: u64, len: usize) -> bool {
-    matches!(len, 1 | 2 | 4) && offset % len as u64 == 0
+    matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len as u64)
 }
 
 /// Configuration mechanism #1 at I/O ports 0xcf8 (address) – 0xcff (data).

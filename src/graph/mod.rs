@@ -363,14 +363,13 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         if slot_of.contains_key(name) {
             continue;
         }
-        if let Some(&s) = hints.pci.get(name) {
-            if s < PCI_SLOTS
-                && occupant[s as usize].is_none()
-                && fits(s, d.spec().kind().info().hotpluggable)
-            {
-                occupant[s as usize] = Some(name.to_string());
-                slot_of.insert(name, s);
-            }
+        if let Some(&s) = hints.pci.get(name)
+            && s < PCI_SLOTS
+            && occupant[s as usize].is_none()
+            && fits(s, d.spec().kind().info().hotpluggable)
+        {
+            occupant[s as usize] = Some(name.to_string());
+            slot_of.insert(name, s);
         }
     }
     // 3. The rest, in name order: hot-pluggable kinds into hotplug slots first.

@@ -213,10 +213,10 @@ pub fn suggest<'k>(got: &str, allowed: &[&'k str]) -> Option<&'k str> {
     if let Some(k) = allowed.iter().find(|k| norm(k) == g) {
         return Some(k);
     }
-    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == g) {
-        if let Some(k) = allowed.iter().find(|k| *k == to) {
-            return Some(k);
-        }
+    if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == g)
+        && let Some(k) = allowed.iter().find(|k| *k == to)
+    {
+        return Some(k);
     }
     let limit = if g.len() >= 5 { 2 } else { 1 };
     let mut close: Vec<(usize, &'k str)> = allowed
@@ -239,10 +239,10 @@ impl Cx<'_> {
         let frag = frag.replace("%24", "$");
         let mut p: &str = &frag;
         loop {
-            if let Some(v) = self.schema.pointer(p) {
-                if v.is_object() {
-                    return Some(v);
-                }
+            if let Some(v) = self.schema.pointer(p)
+                && v.is_object()
+            {
+                return Some(v);
             }
             p = &p[..p.rfind('/')?];
         }
@@ -361,7 +361,7 @@ impl Cx<'_> {
                         want.join(" or ")
                     ),
                 )
-                .label(self.doc.spans.value(&ptr), format!("{got_s}"));
+                .label(self.doc.spans.value(&ptr), got_s.to_string());
                 if let Some(ex) = self.node(e.schema_url).and_then(|n| self.example(n)) {
                     d = d.help(format!("for example: {} = {ex}", last_key(&ptr)));
                 }

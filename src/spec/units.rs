@@ -83,7 +83,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, mult) in [("T", TIB), ("G", GIB), ("M", MIB), ("K", KIB)] {
-            if n != 0 && n % mult == 0 {
+            if n != 0 && n.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", n / mult);
             }
         }
@@ -109,7 +109,7 @@ impl JsonSchema for ByteSize {
 /// A human-readable size for messages: 67108864 → "64 MiB", 1536 → "1536 bytes".
 pub fn human_size(n: u64) -> String {
     for (unit, mult) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-        if n >= mult && n % mult == 0 {
+        if n >= mult && n.is_multiple_of(mult) {
             return format!("{} {unit}", n / mult);
         }
     }

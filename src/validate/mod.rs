@@ -125,7 +125,7 @@ impl<'a> Validator<'a> {
                 format!("{} is too large", human_size(mem)),
             );
             self.push(d);
-        } else if mem % PAGE_SIZE != 0 {
+        } else if !mem.is_multiple_of(PAGE_SIZE) {
             let down = mem / PAGE_SIZE * PAGE_SIZE;
             let d = Diag::error(
                 "vmm::memory",
@@ -219,18 +219,18 @@ impl<'a> Validator<'a> {
             let kind = d.kind();
             let n = counts.entry(kind).or_default();
             *n += 1;
-            if let Some(max) = kind.info().max_count {
-                if *n == max + 1 {
-                    let dd = Diag::error(
-                        "vmm::too-many",
-                        format!(
-                            "A machine can have at most {max} `{kind}` device{}",
-                            if max == 1 { "" } else { "s" }
-                        ),
-                    )
-                    .label(self.span(&ptr), "one too many");
-                    self.push(dd);
-                }
+            if let Some(max) = kind.info().max_count
+                && *n == max + 1
+            {
+                let dd = Diag::error(
+                    "vmm::too-many",
+                    format!(
+                        "A machine can have at most {max} `{kind}` device{}",
+                        if max == 1 { "" } else { "s" }
+                    ),
+                )
+                .label(self.span(&ptr), "one too many");
+                self.push(dd);
             }
 
             if let Some(slot) = d.slot() {

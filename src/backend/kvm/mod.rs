@@ -511,11 +511,11 @@ fn wait(
         if exit.outcome().is_some() {
             return;
         }
-        if let Some(input) = stdin {
-            if !pending.is_empty() {
-                let n = input.push(&pending);
-                pending.drain(..n);
-            }
+        if let Some(input) = stdin
+            && !pending.is_empty()
+        {
+            let n = input.push(&pending);
+            pending.drain(..n);
         }
         if Instant::now() >= next_look {
             for i in inputs {
@@ -556,11 +556,11 @@ fn wait(
         if r < 0 {
             continue; // EINTR
         }
-        if fds[1].revents & libc::POLLIN != 0 {
-            if let Some(sig) = sigfd.read() {
-                exit.finish(Outcome::Stopped(signal_name(sig).into()));
-                return;
-            }
+        if fds[1].revents & libc::POLLIN != 0
+            && let Some(sig) = sigfd.read()
+        {
+            exit.finish(Outcome::Stopped(signal_name(sig).into()));
+            return;
         }
         if poll_stdin && fds[2].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
             let mut buf = [0u8; 4096];

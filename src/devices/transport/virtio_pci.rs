@@ -522,10 +522,10 @@ impl VirtioPci {
                 }
             }
             (0x1c, 2) => {
-                if let Some(q) = self.queues.get_mut(self.queue_select as usize) {
-                    if v == 1 {
-                        q.queue.set_ready(true);
-                    }
+                if let Some(q) = self.queues.get_mut(self.queue_select as usize)
+                    && v == 1
+                {
+                    q.queue.set_ready(true);
                 }
             }
             (0x20..=0x37, 4 | 8) => {
@@ -607,10 +607,10 @@ impl VirtioPci {
             (8, 8) => (addr, v as u32, (v >> 32) & 1 == 1),
             _ => return,
         };
-        if (addr, msg) != (m.table[idx].0, m.table[idx].1) {
-            if let Err(e) = m.vectors[idx].set_message(addr, msg) {
-                log::warn!("{}: MSI-X vector {idx}: {e}", self.name);
-            }
+        if (addr, msg) != (m.table[idx].0, m.table[idx].1)
+            && let Err(e) = m.vectors[idx].set_message(addr, msg)
+        {
+            log::warn!("{}: MSI-X vector {idx}: {e}", self.name);
         }
         m.table[idx] = (addr, msg, masked);
         m.flush_pending();
