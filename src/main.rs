@@ -452,10 +452,21 @@ fn call_vm(
     socket: &Path,
     req: &vmm::reconcile::control::Request,
 ) -> Result<serde_json::Value, ExitCode> {
-    vmm::reconcile::control::call(socket, req).map_err(|e| {
+    let answer = vmm::reconcile::control::call(socket, req).map_err(|e| {
         eprintln!("vmm: {e}");
         ExitCode::from(EXIT_RUNTIME)
-    })
+    })?;
+    // The VM could not take the request (busy, shutting down, a bad request).
+    if answer["status"] == "error" {
+        eprintln!(
+            "vmm: {}",
+            answer["text"]
+                .as_str()
+                .unwrap_or("the VM answered with an error")
+        );
+        return Err(ExitCode::from(EXIT_RUNTIME));
+    }
+    Ok(answer)
 }
 
 /// `vmm plan FILE` and `vmm apply FILE`: the running VM checks and plans the file itself.

@@ -364,6 +364,17 @@ fn vmm_cli(runtime: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// `root/assets` with the kernel and disk image, and an empty runtime dir `root/run`.
+fn assets_and_runtime(root: &Path) -> (PathBuf, PathBuf) {
+    let assets = root.join("assets");
+    let runtime = root.join("run");
+    std::fs::create_dir_all(&assets).unwrap();
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::write(assets.join("vmlinux"), b"kernel").unwrap();
+    std::fs::write(assets.join("disk.img"), vec![0u8; 4096]).unwrap();
+    (assets, runtime)
+}
+
 /// A running reconciler (real watcher and control socket, recording target) whose file is
 /// `file`, checked from `checked_from`.
 fn live(
@@ -392,12 +403,7 @@ fn live(
 #[test]
 fn cli_finds_running_vms_and_applies_without_a_watch() {
     let root = tempfile::tempdir().unwrap();
-    let assets = root.path().join("assets");
-    let runtime = root.path().join("run");
-    std::fs::create_dir_all(&assets).unwrap();
-    std::fs::create_dir_all(&runtime).unwrap();
-    std::fs::write(assets.join("vmlinux"), b"kernel").unwrap();
-    std::fs::write(assets.join("disk.img"), vec![0u8; 4096]).unwrap();
+    let (assets, runtime) = assets_and_runtime(root.path());
     let m_file = root.path().join("m.toml");
     std::fs::write(&m_file, machine_in(&assets, "m", "")).unwrap();
 
@@ -451,4 +457,59 @@ fn cli_finds_running_vms_and_applies_without_a_watch() {
             && err.contains("(left by VMs that are gone: gone)"),
         "{err}"
     );
+}
+
+/// A client that connects and sends nothing does not hold up others: `vmm status` is answered
+/// while it is connected, and so is its own request when it finally sends one.
+#[test]
+fn a_silent_client_does_not_hold_up_others() {
+    use std::io::{BufRead, Write};
+    let root = tempfile::tempdir().unwrap();
+    let (assets, runtime) = assets_and_runtime(root.path());
+    let file = root.path().join("m.toml");
+    std::fs::write(&file, machine_in(&assets, "m", "")).unwrap();
+    let (_vm, _fake, _said) = live(&file, &file, runtime.join("m.sock"));
+    let silent = std::os::unix::net::UnixStream::connect(runtime.join("m.sock")).unwrap();
+
+    let (rc, out, err) = vmm_cli(&runtime, &["status"]);
+    assert_eq!(rc, Some(0), "{err}");
+    assert!(out.starts_with("machine m "), "{out}");
+
+    (&silent).write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&silent)
+        .read_line(&mut answer)
+        .unwrap();
+    assert!(answer.contains("\"machine\":\"m\""), "{answer:?}");
+}
+
+/// Clients beyond the 16 served at once get a clear error, and are served again once the
+/// others are gone.
+#[test]
+fn clients_beyond_the_limit_are_turned_away_clearly() {
+    let root = tempfile::tempdir().unwrap();
+    let (assets, runtime) = assets_and_runtime(root.path());
+    let file = root.path().join("m.toml");
+    std::fs::write(&file, machine_in(&assets, "m", "")).unwrap();
+    let (_vm, _fake, _said) = live(&file, &file, runtime.join("m.sock"));
+    let silent: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(runtime.join("m.sock")).unwrap())
+        .collect();
+    let (rc, out, err) = vmm_cli(&runtime, &["status"]);
+    assert_eq!(rc, Some(1), "{out}");
+    assert!(
+        err.contains("vmm: the VM is serving 16 other clients; try again"),
+        "{err}"
+    );
+    drop(silent);
+    let end = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (rc, out, err) = vmm_cli(&runtime, &["status"]);
+        if rc == Some(0) {
+            assert!(out.starts_with("machine m "), "{out}");
+            break;
+        }
+        assert!(Instant::now() < end, "still turned away: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -42,6 +42,9 @@ const MAX_REQUEST: u64 = 4 << 20;
 /// How long a client may take to send its request, and the VM to answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Clients served at once (each on its own short-lived thread, so a client that is slow to
+/// send does not hold up the others); more are turned away with an error answer.
+const MAX_CLIENTS: usize = 16;
 
 /// Where the control sockets of running VMs live: `$VMM_RUNTIME_DIR`, else
 /// `$XDG_RUNTIME_DIR/vmm`, else `/run/vmm` for root and `/tmp/vmm-<uid>` for others.
@@ -119,6 +122,7 @@ impl Drop for Server {
 }
 
 fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
+    let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let mut fds = [
             libc::pollfd {
@@ -141,17 +145,49 @@ fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
             return;
         }
         match listener.accept() {
-            Ok((conn, _)) => {
-                if let Err(e) = answer(conn, tx) {
-                    log::debug!("control client: {e}");
-                }
-            }
+            Ok((conn, _)) => serve_client(conn, tx, &clients),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("control socket: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+/// Answers `conn` on a thread of its own (the reconciler still handles requests one by one).
+fn serve_client(
+    conn: UnixStream,
+    tx: &mpsc::Sender<Event>,
+    clients: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    let busy = || {
+        let mut w = &conn;
+        let _ = w.set_nonblocking(false);
+        let _ = w.set_write_timeout(Some(CLIENT_TIMEOUT));
+        let text = format!("the VM is serving {MAX_CLIENTS} other clients; try again");
+        let _ = w.write_all(format!("{}\n", json!({"status": "error", "text": text})).as_bytes());
+    };
+    if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+        clients.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("control socket: {MAX_CLIENTS} clients already; turning one away");
+        busy();
+        return;
+    }
+    let (tx, counter) = (tx.clone(), clients.clone());
+    let spawned = std::thread::Builder::new()
+        .name("control-client".into())
+        .spawn(move || {
+            if let Err(e) = answer(conn, &tx) {
+                log::debug!("control client: {e}");
+            }
+            counter.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        // The connection went with the closure: the client sees it closed.
+        clients.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("control socket: cannot start a client thread: {e}");
     }
 }
 
@@ -194,11 +230,17 @@ pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
     s.set_read_timeout(Some(ANSWER_TIMEOUT + Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let text = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    s.write_all(format!("{text}\n").as_bytes())
-        .map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    // A VM that turns the client away answers and closes without reading: the answer is
+    // still there to read when sending failed.
+    let sent = s.write_all(format!("{text}\n").as_bytes());
     let mut answer = String::new();
-    BufReader::new(s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the answer: {e}"))?;
+    let read = BufReader::new(&s).read_line(&mut answer);
+    if answer.is_empty() {
+        return Err(match (sent, read) {
+            (Err(e), _) => format!("sending to {}: {e}", path.display()),
+            (_, Err(e)) => format!("reading the answer: {e}"),
+            _ => "the VM closed the connection without answering".to_string(),
+        });
+    }
     serde_json::from_str(&answer).map_err(|e| format!("bad answer from the VM: {e}"))
 }
