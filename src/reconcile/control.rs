@@ -18,7 +18,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -69,11 +70,49 @@ pub fn socket_path(machine: &str) -> PathBuf {
     runtime_dir().join(format!("{machine}.sock"))
 }
 
+/// Whether a running VM answers on the socket at `path`. A VM killed without its cleanup
+/// leaves the socket file behind; nothing accepts connections on it.
+pub fn answers(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
 /// The control socket's accept thread.
 pub struct Server {
     path: PathBuf,
-    stop: std::sync::Arc<EventFd>,
+    stop: Arc<EventFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    clients: Arc<Clients>,
+}
+
+/// The clients being served, shared by the accept thread, the client threads and the
+/// [`Server`]'s drop.
+#[derive(Default)]
+struct Clients {
+    /// Connected clients (at most [`MAX_CLIENTS`]).
+    connected: AtomicUsize,
+    /// Clients whose request has been read and whose answer is not written yet: the VM ends
+    /// only after they have their answer (`vmm stop` hears "stopping").
+    answering: Mutex<usize>,
+    answered: Condvar,
+}
+
+impl Clients {
+    /// Counts one request being answered until the guard is dropped.
+    fn answering(&self) -> impl Drop + '_ {
+        struct Answering<'a>(&'a Clients);
+        impl Drop for Answering<'_> {
+            fn drop(&mut self) {
+                *lock(&self.0.answering) -= 1;
+                self.0.answered.notify_all();
+            }
+        }
+        *lock(&self.answering) += 1;
+        Answering(self)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Server {
@@ -88,7 +127,7 @@ impl Server {
                 .create(dir)?;
         }
         if path.exists() {
-            if UnixStream::connect(path).is_ok() {
+            if answers(path) {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     "another running VM of that name answers on it",
@@ -98,15 +137,17 @@ impl Server {
         }
         let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
-        let stop = std::sync::Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let s2 = stop.clone();
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let clients = Arc::new(Clients::default());
+        let (s2, c2) = (stop.clone(), clients.clone());
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve(listener, &s2, &tx))?;
+            .spawn(move || serve(listener, &s2, &tx, &c2))?;
         Ok(Server {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            clients,
         })
     }
 }
@@ -118,11 +159,17 @@ impl Drop for Server {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        // Requests in flight get their answers (bounded by the answer and write timeouts);
+        // clients that have sent nothing are not waited for.
+        let n = lock(&self.clients.answering);
+        let _ = self
+            .clients
+            .answered
+            .wait_timeout_while(n, ANSWER_TIMEOUT + CLIENT_TIMEOUT, |n| *n > 0);
     }
 }
 
-fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
-    let clients = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>, clients: &Arc<Clients>) {
     loop {
         let mut fds = [
             libc::pollfd {
@@ -145,7 +192,7 @@ fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
             return;
         }
         match listener.accept() {
-            Ok((conn, _)) => serve_client(conn, tx, &clients),
+            Ok((conn, _)) => serve_client(conn, tx, clients),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("control socket: {e}");
@@ -156,12 +203,7 @@ fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>) {
 }
 
 /// Answers `conn` on a thread of its own (the reconciler still handles requests one by one).
-fn serve_client(
-    conn: UnixStream,
-    tx: &mpsc::Sender<Event>,
-    clients: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use std::sync::atomic::Ordering;
+fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Clients>) {
     let busy = || {
         let mut w = &conn;
         let _ = w.set_nonblocking(false);
@@ -169,29 +211,29 @@ fn serve_client(
         let text = format!("the VM is serving {MAX_CLIENTS} other clients; try again");
         let _ = w.write_all(format!("{}\n", json!({"status": "error", "text": text})).as_bytes());
     };
-    if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-        clients.fetch_sub(1, Ordering::SeqCst);
+    if clients.connected.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+        clients.connected.fetch_sub(1, Ordering::SeqCst);
         log::warn!("control socket: {MAX_CLIENTS} clients already; turning one away");
         busy();
         return;
     }
-    let (tx, counter) = (tx.clone(), clients.clone());
+    let (tx, c2) = (tx.clone(), clients.clone());
     let spawned = std::thread::Builder::new()
         .name("control-client".into())
         .spawn(move || {
-            if let Err(e) = answer(conn, &tx) {
+            if let Err(e) = answer(conn, &tx, &c2) {
                 log::debug!("control client: {e}");
             }
-            counter.fetch_sub(1, Ordering::SeqCst);
+            c2.connected.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = spawned {
         // The connection went with the closure: the client sees it closed.
-        clients.fetch_sub(1, Ordering::SeqCst);
+        clients.connected.fetch_sub(1, Ordering::SeqCst);
         log::warn!("control socket: cannot start a client thread: {e}");
     }
 }
 
-fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
+fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Clients) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -201,6 +243,7 @@ fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>) -> std::io::Result<()> {
         // Closed without a request: a client checking that the VM runs.
         return Ok(());
     }
+    let _answering = clients.answering();
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => {
             let (rtx, rrx) = mpsc::channel();
