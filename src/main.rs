@@ -422,11 +422,9 @@ fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf
         })
         .unwrap_or_default();
     socks.sort();
-    // A VM killed without its cleanup leaves its socket file behind: only sockets that
-    // accept a connection count.
-    let (live, stale): (Vec<PathBuf>, Vec<PathBuf>) = socks
-        .into_iter()
-        .partition(|p| std::os::unix::net::UnixStream::connect(p).is_ok());
+    // Sockets left by VMs that are gone do not count.
+    let (live, stale): (Vec<PathBuf>, Vec<PathBuf>) =
+        socks.into_iter().partition(|p| control::answers(p));
     let names = |ps: &[PathBuf]| {
         ps.iter()
             .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
@@ -503,7 +501,6 @@ fn remote_edit(file: &Path, socket: Option<PathBuf>, format: Format, apply: bool
     }
     match answer["status"].as_str() {
         Some("invalid") => ExitCode::from(EXIT_BAD_FILE),
-        Some("error") => ExitCode::from(EXIT_RUNTIME),
         Some("needs-restart") if apply => ExitCode::from(EXIT_RUNTIME),
         _ => ExitCode::SUCCESS,
     }
@@ -607,11 +604,8 @@ fn up(file: &Path, watch: bool) -> ExitCode {
     let socket = vmm::reconcile::control::socket_path(&g.machine);
     let start = move |live: std::sync::Arc<kvm::LiveVm>| -> Option<kvm::Guard> {
         let eject_to = live.clone();
-        let (l, tx) = if watch {
-            vmm::reconcile::Live::start(live, &path, follow, Some(socket), reporter())
-        } else {
-            vmm::reconcile::Live::start_without_watch(live, &path, follow, Some(socket), reporter())
-        };
+        let (l, tx) =
+            vmm::reconcile::Live::start(live, &path, follow, Some(socket), reporter(), watch);
         eject_to.on_eject(Box::new(move |bits| {
             let _ = tx.send(vmm::reconcile::Event::Ejected(bits));
         }));

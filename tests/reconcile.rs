@@ -393,6 +393,7 @@ fn live(
         checked,
         Some(socket),
         Box::new(move |l| s2.lock().unwrap().push(l.to_string())),
+        true,
     );
     (l, fake, said)
 }

@@ -593,31 +593,11 @@ pub struct Live {
 }
 
 impl Live {
-    /// Starts following `path` (the file `checked` was read from) on `target`. `socket` is the
-    /// control socket's path (none: no socket). Problems starting the watcher or the socket are
+    /// Starts following `path` (the file `checked` was read from) on `target`: with `watch`,
+    /// saves of the file are applied; without, only `vmm apply`. `socket` is the control
+    /// socket's path (none: no socket). Problems starting the watcher or the socket are
     /// reported through `out` and leave the VM running without them.
     pub fn start<T: Target + 'static>(
-        target: T,
-        path: &Path,
-        checked: Checked,
-        socket: Option<PathBuf>,
-        out: Box<dyn FnMut(&str) + Send>,
-    ) -> (Live, mpsc::Sender<Event>) {
-        Live::start_inner(target, path, checked, socket, out, true)
-    }
-
-    /// [`Live::start`] without the file watcher: only `vmm apply` changes the VM.
-    pub fn start_without_watch<T: Target + 'static>(
-        target: T,
-        path: &Path,
-        checked: Checked,
-        socket: Option<PathBuf>,
-        out: Box<dyn FnMut(&str) + Send>,
-    ) -> (Live, mpsc::Sender<Event>) {
-        Live::start_inner(target, path, checked, socket, out, false)
-    }
-
-    fn start_inner<T: Target + 'static>(
         target: T,
         path: &Path,
         checked: Checked,
