@@ -514,3 +514,23 @@ fn clients_beyond_the_limit_are_turned_away_clearly() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Something that accepts on the socket and closes without answering is reported as such.
+#[test]
+fn a_socket_that_closes_without_answering_is_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, runtime) = assets_and_runtime(root.path());
+    let sock = runtime.join("mute.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let closer = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        drop(conn);
+    });
+    let (rc, _, err) = vmm_cli(&runtime, &["status", "--socket", sock.to_str().unwrap()]);
+    closer.join().unwrap();
+    assert_eq!(rc, Some(1));
+    assert!(
+        err.contains("vmm: the VM closed the connection without answering"),
+        "{err}"
+    );
+}

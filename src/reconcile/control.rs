@@ -279,10 +279,16 @@ pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
     let mut answer = String::new();
     let read = BufReader::new(&s).read_line(&mut answer);
     if answer.is_empty() {
-        return Err(match (sent, read) {
-            (Err(e), _) => format!("sending to {}: {e}", path.display()),
-            (_, Err(e)) => format!("reading the answer: {e}"),
-            _ => "the VM closed the connection without answering".to_string(),
+        // A peer that closed unread resets the connection or breaks the pipe.
+        let other = [sent.err(), read.err()].into_iter().flatten().find(|e| {
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        });
+        return Err(match other {
+            Some(e) => format!("talking to {}: {e}", path.display()),
+            None => "the VM closed the connection without answering".to_string(),
         });
     }
     serde_json::from_str(&answer).map_err(|e| format!("bad answer from the VM: {e}"))
