@@ -15,6 +15,7 @@ pub mod diag;
 pub mod graph;
 pub mod reconcile;
 pub mod spec;
+pub mod sync;
 pub mod validate;
 pub mod vhost_user;
 

@@ -6,7 +6,9 @@
 //! writes here can panic vmm.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::{Mutex, MutexGuard};
 
 /// A device on a bus.
 pub trait BusDevice: Send {
@@ -112,14 +114,15 @@ impl Bus {
     }
 }
 
-/// Locks a device, recovering from a poisoned lock (a panic elsewhere must not wedge the bus).
-pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
+/// Locks a device (rank [`crate::sync::Rank::BusDevice`], or `PciFunction` for a BAR).
+pub fn lock(dev: &SharedDevice) -> MutexGuard<'_, dyn BusDevice + 'static> {
+    dev.lock()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::Rank;
 
     struct Rec(Vec<(u64, u64, Vec<u8>)>);
     impl BusDevice for Rec {
@@ -133,7 +136,7 @@ mod tests {
 
     #[test]
     fn dispatch_overlap_and_unmapped() {
-        let dev: Arc<Mutex<Rec>> = Arc::new(Mutex::new(Rec(Vec::new())));
+        let dev: Arc<Mutex<Rec>> = Arc::new(Mutex::new(Rank::BusDevice, Rec(Vec::new())));
         let mut bus = Bus::new();
         bus.insert(0x60, 1, dev.clone()).unwrap();
         bus.insert(0x64, 1, dev.clone()).unwrap();
@@ -147,7 +150,7 @@ mod tests {
         ));
         assert_eq!(bus.insert(0x70, 0, dev.clone()), Err(BusError::Empty(0x70)));
         assert!(bus.write(0x64, &[0xfe]));
-        assert_eq!(dev.lock().unwrap().0, vec![(0x64, 0, vec![0xfe])]);
+        assert_eq!(dev.lock().0, vec![(0x64, 0, vec![0xfe])]);
         let mut b = [0u8; 1];
         assert!(bus.read(0x60, &mut b));
         assert_eq!(b, [0x60]);

@@ -61,7 +61,9 @@ impl CharIo {
 use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 
 /// Where a device's input goes: vmm pushes bytes from stdin or a socket client. Returns how
 /// many bytes the device took (a full FIFO takes fewer; the caller retries later).
@@ -119,7 +121,7 @@ impl Write for CharOut {
             CharOut::File(f) => f.write_all(buf)?,
             CharOut::Socket(peer) => {
                 use std::os::fd::AsRawFd;
-                let mut p = peer.0.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = peer.0.lock();
                 if let Some(s) = p.as_ref() {
                     // SAFETY: send(2) on a socket we own, from a buffer of its length. Never
                     // blocks (a slow client loses output) and never raises SIGPIPE.
@@ -214,7 +216,7 @@ fn serve_socket(listener: UnixListener, peer: Arc<SocketPeer>, input: Arc<dyn Ch
         let Ok(writer) = stream.try_clone() else {
             continue;
         };
-        *peer.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        *peer.0.lock() = Some(writer);
         let mut reader = stream;
         let mut buf = [0u8; 256];
         loop {
@@ -224,7 +226,7 @@ fn serve_socket(listener: UnixListener, peer: Arc<SocketPeer>, input: Arc<dyn Ch
             };
             feed(&*input, &buf[..n]);
         }
-        *peer.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *peer.0.lock() = None;
     }
 }
 

@@ -76,7 +76,9 @@ impl DeviceSpec for ConsoleSpec {
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use crate::sync::{Mutex, MutexGuard, Rank};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
@@ -147,7 +149,7 @@ impl ConsoleInput {
     /// An empty FIFO holding at most `limit` bytes.
     pub fn new(limit: usize) -> std::io::Result<ConsoleInput> {
         Ok(ConsoleInput {
-            pending: Mutex::new(VecDeque::new()),
+            pending: Mutex::new(Rank::Leaf, VecDeque::new()),
             limit,
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         })
@@ -155,7 +157,7 @@ impl ConsoleInput {
 
     /// The waiting bytes; hand them to [`receive`].
     pub fn pending(&self) -> MutexGuard<'_, VecDeque<u8>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.lock()
     }
 
     /// Readable after each `push` that took bytes (non-blocking; drain it before [`receive`]).
@@ -285,7 +287,7 @@ impl Console {
     /// feeds). `follow_terminal`: the host end is stdio, report the terminal's size.
     pub fn new(out: CharOut, input: Arc<ConsoleInput>, follow_terminal: bool) -> Console {
         let mut c = Console {
-            out: Arc::new(Mutex::new(out)),
+            out: Arc::new(Mutex::new(Rank::DeviceState, out)),
             input,
             follow_terminal,
             size: DEFAULT_SIZE,
@@ -334,7 +336,7 @@ impl VirtioDevice for Console {
         if offset == EMERG_WR_OFFSET
             && let Some(c) = data.first()
         {
-            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = self.out.lock();
             let _ = out.write_all(std::slice::from_ref(c));
         }
     }
@@ -371,7 +373,7 @@ struct Locked<'a>(&'a Mutex<CharOut>);
 
 impl Write for Locked<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+        self.0.lock().write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -791,7 +793,7 @@ mod tests {
     struct Resets(Mutex<Vec<String>>);
     impl NeedsReset for Resets {
         fn needs_reset(&self, why: &str) {
-            self.0.lock().unwrap().push(why.into());
+            self.0.lock().push(why.into());
         }
     }
 
@@ -880,6 +882,6 @@ mod tests {
         let (mut a, _) = activation(&mem, &rx, &tx, &irq, &resets);
         a.queues.truncate(1);
         assert!(c.activate(a).is_err());
-        assert!(resets.0.lock().unwrap().is_empty());
+        assert!(resets.0.lock().is_empty());
     }
 }

@@ -15,10 +15,11 @@
 //! on a vCPU thread that holds the I/O port bus lock. An eject is handed to the `on_eject`
 //! callback, and the owner of the VM (the reconciler thread) removes the function.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::devices::Irq;
 use crate::devices::bus::BusDevice;
+use crate::sync::{Mutex, MutexGuard, Rank};
 
 pub const REG_UP: u64 = 0x0;
 pub const REG_DOWN: u64 = 0x4;
@@ -50,21 +51,22 @@ impl Hotplug {
     /// A controller for the hotplug slots in the bitmap `slots`, signalling on `irq`.
     pub fn new(slots: u32, irq: Arc<dyn Irq>) -> Arc<Hotplug> {
         Arc::new(Hotplug {
-            regs: Mutex::new(Regs::default()),
+            regs: Mutex::new(Rank::DeviceState, Regs::default()),
             slots,
             irq,
-            on_eject: Mutex::new(None),
+            // The callback runs under it and may take a leaf lock.
+            on_eject: Mutex::new(Rank::DeviceState, None),
         })
     }
 
-    fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    fn regs(&self) -> MutexGuard<'_, Regs> {
+        self.regs.lock()
     }
 
     /// Who hears of ejects: called with the slots the guest released, on the vCPU's thread
     /// (it must only hand them on).
     pub fn set_on_eject(&self, f: EjectFn) {
-        *self.on_eject.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self.on_eject.lock() = Some(f);
     }
 
     fn bit(&self, slot: u8) -> Option<u32> {
@@ -160,7 +162,7 @@ impl Hotplug {
             );
         }
         if ejected != 0
-            && let Some(f) = &*self.on_eject.lock().unwrap_or_else(|e| e.into_inner())
+            && let Some(f) = &*self.on_eject.lock()
         {
             f(ejected);
         }
@@ -205,9 +207,9 @@ mod tests {
     fn setup() -> (Arc<Hotplug>, HotplugPorts, Arc<Count>, Arc<Mutex<Vec<u32>>>) {
         let irq = Arc::new(Count::default());
         let hp = Hotplug::new(0b11 << 30, irq.clone());
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Rank::Leaf, Vec::new()));
         let s = seen.clone();
-        hp.set_on_eject(Box::new(move |b| s.lock().unwrap().push(b)));
+        hp.set_on_eject(Box::new(move |b| s.lock().push(b)));
         (hp.clone(), HotplugPorts(hp), irq, seen)
     }
 
@@ -231,16 +233,13 @@ mod tests {
         assert_eq!(rd(&mut p, REG_DOWN), 1 << 31);
         assert_eq!(rd(&mut p, REG_DOWN), 0);
         assert_eq!(hp.removing(), 1 << 31);
-        assert!(
-            seen.lock().unwrap().is_empty(),
-            "no eject before the guest's"
-        );
+        assert!(seen.lock().is_empty(), "no eject before the guest's");
         p.write(0, REG_EJECT, &(1u32 << 31).to_le_bytes());
-        assert_eq!(*seen.lock().unwrap(), vec![1 << 31]);
+        assert_eq!(*seen.lock(), vec![1 << 31]);
         assert_eq!(hp.removing(), 0);
         // A second eject of the same slot is not a second removal.
         p.write(0, REG_EJECT, &(1u32 << 31).to_le_bytes());
-        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(seen.lock().len(), 1);
         hp.removed(31);
         assert_eq!(rd(&mut p, REG_PRESENT), 0);
     }
@@ -255,7 +254,7 @@ mod tests {
         hp.announce(30);
         // The guest ejects on its own (and slots that do not exist): ignored.
         p.write(0, REG_EJECT, &u32::MAX.to_le_bytes());
-        assert!(seen.lock().unwrap().is_empty());
+        assert!(seen.lock().is_empty());
         assert_eq!(rd(&mut p, REG_PRESENT), 1 << 30);
     }
 
@@ -275,7 +274,7 @@ mod tests {
         assert_eq!(b, [0xff; 4]);
         p.write(0, REG_EJECT + 2, &[0xff; 4]);
         p.write(0, 0x40, &[0xff; 4]);
-        assert!(seen.lock().unwrap().is_empty());
+        assert!(seen.lock().is_empty());
         assert_eq!(hp.removing(), 1 << 31);
         assert_eq!(rd(&mut p, 0x40), 0, "unknown register reads 0");
     }

@@ -4,9 +4,10 @@
 //! Only bus 0, function 0 of each slot exists. Empty slots, other functions and other buses
 //! read as all ones (no device); writes to them are dropped.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::devices::bus::BusDevice;
+use crate::sync::{Mutex, Rank};
 
 /// Standard configuration space size, and the PCIe extended size (reachable through ECAM).
 pub const CONFIG_SIZE: usize = 256;
@@ -129,7 +130,10 @@ pub struct PciRoot {
 impl Default for PciRoot {
     fn default() -> Self {
         let mut slots: Vec<Option<SharedFunction>> = (0..32).map(|_| None).collect();
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
+        slots[0] = Some(Arc::new(Mutex::new(
+            Rank::PciFunction,
+            HostBridge::default(),
+        )));
         PciRoot { slots }
     }
 }
@@ -166,10 +170,9 @@ impl PciRoot {
 
     pub fn read(&self, bus: u8, dev: u8, func: u8, offset: u16, data: &mut [u8]) {
         match self.function(bus, dev, func) {
-            Some(f) if (offset as usize) + data.len() <= EXT_CONFIG_SIZE => f
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config_read(offset, data),
+            Some(f) if (offset as usize) + data.len() <= EXT_CONFIG_SIZE => {
+                f.lock().config_read(offset, data)
+            }
             _ => data.fill(0xff),
         }
     }
@@ -178,9 +181,7 @@ impl PciRoot {
         if let Some(f) = self.function(bus, dev, func)
             && (offset as usize) + data.len() <= EXT_CONFIG_SIZE
         {
-            f.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config_write(offset, data);
+            f.lock().config_write(offset, data);
         }
     }
 }
@@ -223,11 +224,7 @@ impl BusDevice for PciConfigIo {
             0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
             4..=7 if aligned(offset - 4, data.len()) && offset - 4 + data.len() as u64 <= 4 => {
                 match self.target(offset - 4) {
-                    Some((b, d, f, r)) => self
-                        .root
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .read(b, d, f, r, data),
+                    Some((b, d, f, r)) => self.root.lock().read(b, d, f, r, data),
                     None => data.fill(0xff),
                 }
             }
@@ -242,10 +239,7 @@ impl BusDevice for PciConfigIo {
             }
             4..=7 if aligned(offset - 4, data.len()) && offset - 4 + data.len() as u64 <= 4 => {
                 if let Some((b, d, f, r)) = self.target(offset - 4) {
-                    self.root
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .write(b, d, f, r, data);
+                    self.root.lock().write(b, d, f, r, data);
                 }
             }
             _ => {}
@@ -280,19 +274,13 @@ impl BusDevice for PciEcam {
             return;
         }
         let (b, d, f, r) = ecam_target(offset);
-        self.root
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(b, d, f, r, data);
+        self.root.lock().read(b, d, f, r, data);
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if aligned(offset, data.len()) {
             let (b, d, f, r) = ecam_target(offset);
-            self.root
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write(b, d, f, r, data);
+            self.root.lock().write(b, d, f, r, data);
         }
     }
 }
@@ -307,7 +295,7 @@ mod tests {
 
     #[test]
     fn scan_bus_0_through_both_mechanisms() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = Arc::new(Mutex::new(Rank::PciRoot, PciRoot::new()));
         let mut io = PciConfigIo::new(root.clone());
         let mut ecam = PciEcam::new(root);
         let mut v = [0u8; 4];
@@ -344,7 +332,7 @@ mod tests {
 
     #[test]
     fn command_register_is_writable_and_ids_are_not() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = Arc::new(Mutex::new(Rank::PciRoot, PciRoot::new()));
         let mut ecam = PciEcam::new(root);
         ecam.write(0, 0, &[0, 0, 0, 0]);
         ecam.write(0, 4, &[0xff, 0xff]);
@@ -358,7 +346,7 @@ mod tests {
 
     #[test]
     fn hostile_accesses_do_not_panic() {
-        let root = Arc::new(Mutex::new(PciRoot::new()));
+        let root = Arc::new(Mutex::new(Rank::PciRoot, PciRoot::new()));
         let mut io = PciConfigIo::new(root.clone());
         let mut ecam = PciEcam::new(root);
         for len in [1usize, 2, 3, 4, 8] {

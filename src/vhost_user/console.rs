@@ -8,7 +8,9 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::{Mutex, Rank};
 use virtio_queue::QueueT;
 
 use super::{Ctx, Listeners, ServeError, Served, signal};
@@ -61,7 +63,7 @@ impl ConsoleModel {
             DEFAULT_SIZE
         };
         Ok(ConsoleModel {
-            out: Mutex::new(out),
+            out: Mutex::new(Rank::DeviceState, out),
             input,
             size,
             _socket: guard,
@@ -93,7 +95,7 @@ impl Served for ConsoleModel {
                 let Some(mut v) = cx.vring(TX_QUEUE) else {
                     return Ok(());
                 };
-                let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                let mut out = self.out.lock();
                 loop {
                     let _ = v.disable_notification();
                     if transmit(v.get_queue_mut(), cx.mem, &mut *out) {

@@ -19,7 +19,9 @@ mod relay;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use crate::sync::{Mutex, Rank};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{
@@ -215,7 +217,7 @@ pub struct RngModel {
 impl RngModel {
     pub fn new(rate: Option<u64>) -> RngModel {
         RngModel {
-            limit: Mutex::new(rate.map(RateLimit::new)),
+            limit: Mutex::new(Rank::Leaf, rate.map(RateLimit::new)),
         }
     }
 }
@@ -234,7 +236,7 @@ impl Served for RngModel {
         let Some(v) = cx.vrings.get(usize::from(event)) else {
             return Ok(());
         };
-        let mut l = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = self.limit.lock();
         serve_simple(v, cx.mem, cx.event_idx, event, |q| {
             rng::fill(q, cx.mem, l.as_mut())
         })
@@ -286,7 +288,7 @@ impl VhostUserBackend for Backend {
         out
     }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
-        *self.mem.lock().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        *self.mem.lock() = Some(mem);
         Ok(())
     }
     fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -306,7 +308,7 @@ impl VhostUserBackend for Backend {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        let Some(mem) = self.mem.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+        let Some(mem) = self.mem.lock().clone() else {
             return Ok(());
         };
         let mem = mem.memory();
@@ -327,7 +329,7 @@ pub fn serve(model: Box<dyn Served>, socket: &std::path::Path) -> Result<(), Ser
         .map_err(|e| ServeError::Daemon(format!("eventfd: {e}")))?;
     let backend = Arc::new(Backend {
         model,
-        mem: Mutex::new(None),
+        mem: Mutex::new(Rank::Leaf, None),
         event_idx: AtomicBool::new(false),
         exit,
         listeners: Listeners {

@@ -7,8 +7,8 @@
 //! instead of spinning the loop). The MAC address and link status are the front end's (QEMU's
 //! virtio-net owns the configuration space); the backend offers the offloads and rings.
 
+use crate::sync::{Mutex, Rank};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_queue::QueueT;
@@ -48,7 +48,7 @@ impl NetModel {
         Ok(NetModel {
             tap,
             state: NetState::new(),
-            offloads: Mutex::new(RxOffloads::default()),
+            offloads: Mutex::new(Rank::Leaf, RxOffloads::default()),
             tap_watched: AtomicBool::new(false),
             rx_broken: AtomicBool::new(false),
             tx_broken: AtomicBool::new(false),
@@ -96,7 +96,7 @@ impl NetModel {
             self.watch_tap(cx.listeners, false);
             return Ok(());
         }
-        let offloads = *self.offloads.lock().unwrap_or_else(|e| e.into_inner());
+        let offloads = *self.offloads.lock();
         loop {
             let o = rx(
                 v.get_queue_mut(),
@@ -188,7 +188,7 @@ impl Served for NetModel {
     }
     fn acked_features(&self, features: u64) {
         let o = RxOffloads::from_features(features);
-        *self.offloads.lock().unwrap_or_else(|e| e.into_inner()) = o;
+        *self.offloads.lock() = o;
         // Fewer receive offloads are always safe: the TAP then hands over plain frames.
         if !self.state.faulted()
             && let Err(e) = self.tap.set_offload(o.tun_flags())
@@ -213,7 +213,7 @@ impl Served for NetModel {
     fn reset(&self) {
         self.rx_broken.store(false, Ordering::SeqCst);
         self.tx_broken.store(false, Ordering::SeqCst);
-        *self.offloads.lock().unwrap_or_else(|e| e.into_inner()) = RxOffloads::default();
+        *self.offloads.lock() = RxOffloads::default();
         if !self.state.faulted() {
             let _ = self.tap.set_offload(0);
         }

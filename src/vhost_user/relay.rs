@@ -19,9 +19,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::sync::{Mutex, Rank};
 
 /// VHOST_USER_SET_FEATURES.
 pub const SET_FEATURES: u32 = 2;
@@ -148,7 +150,7 @@ fn forward_requests(
                 ack.extend(REPLY_V1.to_le_bytes());
                 ack.extend(8u32.to_le_bytes());
                 ack.extend(0u64.to_le_bytes());
-                let f = front.lock().unwrap_or_else(|e| e.into_inner());
+                let f = front.lock();
                 send(&f, &ack, &[])?;
             }
             continue;
@@ -180,7 +182,7 @@ fn forward_replies(back: &UnixStream, front: &Mutex<UnixStream>) -> io::Result<(
             return Ok(());
         }
         log::trace!("vhost-user relay: {n} bytes back ({} fds)", files.len());
-        let f = front.lock().unwrap_or_else(|e| e.into_inner());
+        let f = front.lock();
         send(&f, &buf[..n], &files)?;
     }
 }
@@ -189,13 +191,10 @@ fn forward_replies(back: &UnixStream, front: &Mutex<UnixStream>) -> io::Result<(
 /// closes; then shuts both down so the other side sees the end too.
 pub fn run(front: UnixStream, back: UnixStream) -> io::Result<()> {
     let reader = front.try_clone()?;
-    let front = Arc::new(Mutex::new(front));
+    let front = Arc::new(Mutex::new(Rank::Leaf, front));
     let (f2, b2) = (front.clone(), back.try_clone()?);
     let shut = |f: &Mutex<UnixStream>, b: &UnixStream| {
-        let _ = f
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .shutdown(std::net::Shutdown::Both);
+        let _ = f.lock().shutdown(std::net::Shutdown::Both);
         let _ = b.shutdown(std::net::Shutdown::Both);
     };
     let replies = std::thread::Builder::new()

@@ -2,8 +2,8 @@
 //! irqfds, ioeventfds, and MMIO range moves deferred until no bus lock is held.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
     KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry,
@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::{DeviceError, MsiVector, VmHandle};
+use crate::sync::{Mutex, Rank, RwLock};
 
 /// IOAPIC pins of KVM's in-kernel IOAPIC; MSI vectors get the GSIs above.
 pub const IOAPIC_PINS: u32 = 24;
@@ -42,16 +43,19 @@ impl KvmHandle {
     pub fn new(vm: Arc<VmFd>, mmio: Arc<RwLock<Bus>>) -> Result<Arc<KvmHandle>, kvm_ioctls::Error> {
         let h = Arc::new(KvmHandle {
             vm,
-            routing: Mutex::new(Routing {
-                msi: BTreeMap::new(),
-                next_gsi: IOAPIC_PINS,
-                free: Vec::new(),
-            }),
+            routing: Mutex::new(
+                Rank::MsiRouting,
+                Routing {
+                    msi: BTreeMap::new(),
+                    next_gsi: IOAPIC_PINS,
+                    free: Vec::new(),
+                },
+            ),
             mmio,
-            moves: Mutex::new(Vec::new()),
+            moves: Mutex::new(Rank::Leaf, Vec::new()),
             pending: AtomicBool::new(false),
         });
-        h.write_routing(&h.routing.lock().unwrap_or_else(|e| e.into_inner()))?;
+        h.write_routing(&h.routing.lock())?;
         Ok(h)
     }
 
@@ -88,9 +92,8 @@ impl KvmHandle {
         if !self.pending.swap(false, Ordering::SeqCst) {
             return;
         }
-        let moves: Vec<_> =
-            std::mem::take(&mut *self.moves.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut bus = self.mmio.write().unwrap_or_else(|e| e.into_inner());
+        let moves: Vec<_> = std::mem::take(&mut *self.moves.lock());
+        let mut bus = self.mmio.write();
         for (from, to, len, dev) in moves {
             bus.remove(from);
             if let Err(e) = bus.insert(to, len, dev) {
@@ -115,11 +118,7 @@ struct KvmMsi {
 
 impl MsiVector for KvmMsi {
     fn set_message(&self, addr: u64, data: u32) -> Result<(), DeviceError> {
-        let mut r = self
-            .handle
-            .routing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut r = self.handle.routing.lock();
         if addr == 0 {
             r.msi.remove(&self.gsi);
         } else {
@@ -140,11 +139,7 @@ impl MsiVector for KvmMsi {
 impl Drop for KvmMsi {
     fn drop(&mut self) {
         let _ = self.handle.vm.unregister_irqfd(&self.evt, self.gsi);
-        let mut r = self
-            .handle
-            .routing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut r = self.handle.routing.lock();
         if r.msi.remove(&self.gsi).is_some() {
             let _ = self.handle.write_routing(&r);
         }
@@ -172,7 +167,7 @@ impl VmHandle for Handle {
 
     fn msi_vector(&self) -> Result<Arc<dyn MsiVector>, DeviceError> {
         let gsi = {
-            let mut r = self.0.routing.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.0.routing.lock();
             match r.free.pop() {
                 Some(g) => g,
                 None if r.next_gsi < MAX_GSI => {
@@ -196,11 +191,7 @@ impl VmHandle for Handle {
     }
 
     fn move_mmio(&self, from: u64, to: u64, len: u64, dev: SharedDevice) {
-        self.0
-            .moves
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((from, to, len, dev));
+        self.0.moves.lock().push((from, to, len, dev));
         self.0.pending.store(true, Ordering::SeqCst);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::char_io::{CharInput, CharIo, CharOut};
@@ -15,6 +15,7 @@ use crate::devices::pci::{PciRoot, SharedFunction};
 use crate::devices::virtio::GuestMem;
 use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::graph::{DeviceNode, Placement};
+use crate::sync::{Mutex, RwLock};
 
 use super::handle::{Handle, KvmHandle};
 use super::vcpu::{ExitState, Outcome};
@@ -26,6 +27,12 @@ pub(super) struct Plugged {
 }
 
 /// Plugs a function into bus 0 and maps its BAR; the slot must be empty.
+///
+/// The PCI root and the MMIO bus are taken one after the other, never together: a vCPU in an
+/// ECAM access holds the bus and then takes the root (the lock order, docs/architecture.md).
+/// Only the VM's owner plugs and removes functions (one thread), so the slot cannot be taken
+/// between the look and the plug. The BAR is mapped first: the guest can reach the BAR only
+/// after it found the function in the slot.
 pub(super) fn attach_pci(
     pci: &Mutex<PciRoot>,
     mmio: &RwLock<Bus>,
@@ -34,19 +41,15 @@ pub(super) fn attach_pci(
     bar: (u64, u64),
     bar_device: SharedDevice,
 ) -> Result<(), DeviceError> {
-    let mut root = pci.lock().unwrap_or_else(|e| e.into_inner());
-    if slot == 0 || root.occupied(slot) {
+    if slot == 0 || pci.lock().occupied(slot) {
         return Err(DeviceError(format!("PCI slot {slot} is taken")));
     }
-    mmio.write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(bar.0, bar.1, bar_device)
-        .map_err(|e| {
-            DeviceError(format!(
-                "the BAR window of slot {slot} is in use ({e}); the guest may have moved another device there"
-            ))
-        })?;
-    root.plug(slot, function);
+    mmio.write().insert(bar.0, bar.1, bar_device).map_err(|e| {
+        DeviceError(format!(
+            "the BAR window of slot {slot} is in use ({e}); the guest may have moved another device there"
+        ))
+    })?;
+    pci.lock().plug(slot, function);
     Ok(())
 }
 
@@ -133,19 +136,12 @@ impl LiveVm {
         let p = self
             .plugged
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .remove(&slot)
             .ok_or_else(|| DeviceError(format!("slot {slot} holds no device")))?;
         // A BAR move the guest asked for must not map the device again afterwards.
         self.handle.apply_moves();
-        self.pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unplug(slot);
-        self.mmio
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_device(&p.bar_device);
+        self.pci.lock().unplug(slot);
+        self.mmio.write().remove_device(&p.bar_device);
         if let Some(h) = &self.hotplug {
             h.removed(slot);
         }
@@ -234,17 +230,13 @@ impl Machine for LiveMachine<'_> {
             bar,
             bar_device.clone(),
         )?;
-        self.vm
-            .plugged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                slot,
-                Plugged {
-                    function,
-                    bar_device,
-                },
-            );
+        self.vm.plugged.lock().insert(
+            slot,
+            Plugged {
+                function,
+                bar_device,
+            },
+        );
         self.added = Some(slot);
         Ok(())
     }

@@ -19,7 +19,7 @@ pub mod vcpu;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -38,6 +38,7 @@ use crate::graph::DeviceGraph;
 use crate::graph::layout::{
     ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_HOTPLUG_PIO,
 };
+use crate::sync::{Mutex, Rank, RwLock};
 use handle::{Handle, IOAPIC_PINS, KvmHandle};
 pub use live::LiveVm;
 use live::{Plugged, attach_pci};
@@ -263,7 +264,7 @@ pub fn run_with(
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let mmio = Arc::new(RwLock::new(Bus::new()));
+    let mmio = Arc::new(RwLock::new(Rank::Bus, Bus::new()));
     let handle =
         KvmHandle::new(vm.clone(), mmio.clone()).map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
 
@@ -287,7 +288,7 @@ pub fn run_with(
         .filter(|r| r.ram && r.start < IOAPIC_START)
         .map(|r| r.size)
         .sum();
-    let root = Arc::new(Mutex::new(PciRoot::new()));
+    let root = Arc::new(Mutex::new(Rank::PciRoot, PciRoot::new()));
     let root_for_live = root.clone();
     let mut b = Builder {
         vm: &vm,
@@ -310,13 +311,13 @@ pub fn run_with(
         (
             u64::from(PCI_CONFIG_PIO.0),
             u64::from(PCI_CONFIG_PIO.1),
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+            Arc::new(Mutex::new(Rank::BusDevice, PciConfigIo::new(root.clone()))),
             "pci-config",
         ),
         (
             u64::from(ACPI_PM_PIO.0),
             u64::from(ACPI_PM_PIO.1),
-            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            Arc::new(Mutex::new(Rank::BusDevice, AcpiPm::new(exit.clone()))),
             "acpi-pm",
         ),
     ];
@@ -340,7 +341,7 @@ pub fn run_with(
                 .insert(
                     u64::from(PCI_HOTPLUG_PIO.0),
                     u64::from(PCI_HOTPLUG_PIO.1),
-                    Arc::new(Mutex::new(HotplugPorts(hp.clone()))),
+                    Arc::new(Mutex::new(Rank::BusDevice, HotplugPorts(hp.clone()))),
                 )
                 .map_err(|e| VmError::Device {
                     name: "pci-hotplug".into(),
@@ -352,11 +353,10 @@ pub fn run_with(
     };
     b.mmio
         .write()
-        .unwrap_or_else(|e| e.into_inner())
         .insert(
             PCI_ECAM_START,
             PCI_ECAM_SIZE,
-            Arc::new(Mutex::new(PciEcam::new(root))),
+            Arc::new(Mutex::new(Rank::BusDevice, PciEcam::new(root))),
         )
         .map_err(|e| VmError::Device {
             name: "pci-ecam".into(),
@@ -395,7 +395,7 @@ pub fn run_with(
         mmio: mmio.clone(),
         exit: exit.clone(),
         hotplug,
-        plugged: Mutex::new(plugged),
+        plugged: Mutex::new(Rank::Plugged, plugged),
     });
 
     // vCPUs: CPU state for all, boot registers for the first. The others wait for INIT/SIPI.
@@ -420,7 +420,7 @@ pub fn run_with(
     let sigfd = SignalFd::new().map_err(io_err("signalfd"))?;
     vcpu::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
     let shared = VcpuShared {
-        pio: Arc::new(RwLock::new(pio)),
+        pio: Arc::new(RwLock::new(Rank::Bus, pio)),
         mmio,
         exit: exit.clone(),
         handle,

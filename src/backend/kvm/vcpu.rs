@@ -2,8 +2,8 @@
 //! way a vCPU can stop into an [`Outcome`]. Nothing the guest does here panics vmm: unknown
 //! exits and KVM errors end the VM with a message.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::Bus;
 use crate::devices::{VmControl, VmRequest};
+use crate::sync::{Mutex, Rank, RwLock};
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub struct ExitState {
 impl ExitState {
     pub fn new() -> std::io::Result<ExitState> {
         Ok(ExitState {
-            outcome: Mutex::new(None),
+            outcome: Mutex::new(Rank::Leaf, None),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             stopping: AtomicBool::new(false),
         })
@@ -52,7 +53,7 @@ impl ExitState {
 
     /// Records `o` unless an outcome is already known, and wakes the main thread.
     pub fn finish(&self, o: Outcome) {
-        let mut cur = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.outcome.lock();
         if cur.is_none() {
             log::debug!("VM outcome: {o:?}");
             *cur = Some(o);
@@ -62,10 +63,7 @@ impl ExitState {
     }
 
     pub fn outcome(&self) -> Option<Outcome> {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.outcome.lock().clone()
     }
 }
 
@@ -133,25 +131,25 @@ fn run_loop(id: u32, fd: &mut VcpuFd, s: &VcpuShared) -> Option<Outcome> {
         }
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                let bus = s.pio.read().unwrap_or_else(|e| e.into_inner());
+                let bus = s.pio.read();
                 if !bus.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unmapped port {port:#x}");
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                let bus = s.pio.read().unwrap_or_else(|e| e.into_inner());
+                let bus = s.pio.read();
                 if !bus.write(u64::from(port), data) {
                     log::trace!("vcpu{id}: write to unmapped port {port:#x}");
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                let bus = s.mmio.read().unwrap_or_else(|e| e.into_inner());
+                let bus = s.mmio.read();
                 if !bus.read(addr, data) {
                     log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let bus = s.mmio.read().unwrap_or_else(|e| e.into_inner());
+                let bus = s.mmio.read();
                 if !bus.write(addr, data) {
                     log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}");
                 }

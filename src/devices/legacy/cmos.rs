@@ -51,7 +51,10 @@ impl DeviceSpec for RtcSpec {
             crate::graph::Placement::Pio { ports, .. } => ports[0],
             _ => (PLACEMENT.ports[0].0, PLACEMENT.ports[0].1),
         };
-        let dev = std::sync::Arc::new(std::sync::Mutex::new(Cmos::with_host_clock(below, above)));
+        let dev = std::sync::Arc::new(crate::sync::Mutex::new(
+            crate::sync::Rank::BusDevice,
+            Cmos::with_host_clock(below, above),
+        ));
         m.add_pio(base.0, base.1, dev)
     }
 }

@@ -52,8 +52,10 @@ impl DeviceSpec for I8042Spec {
         };
         let kbd = m.irq_line(irqs[0])?;
         let aux = m.irq_line(irqs[1])?;
-        let dev: crate::devices::bus::SharedDevice =
-            std::sync::Arc::new(std::sync::Mutex::new(I8042::new(kbd, aux, m.vm_control())));
+        let dev: crate::devices::bus::SharedDevice = std::sync::Arc::new(crate::sync::Mutex::new(
+            crate::sync::Rank::BusDevice,
+            I8042::new(kbd, aux, m.vm_control()),
+        ));
         for (base, len) in ports {
             m.add_pio(base, len, dev.clone())?;
         }

@@ -104,13 +104,19 @@ impl DeviceSpec for SerialSpec {
         let (port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
         let out = m.open_char(&self.io, Arc::new(input))?;
         port.set_output(out);
-        m.add_pio(ports[0].0, ports[0].1, Arc::new(Mutex::new(port)))
+        m.add_pio(
+            ports[0].0,
+            ports[0].1,
+            Arc::new(Mutex::new(Rank::BusDevice, port)),
+        )
     }
 }
 
 // ---- The device model -----------------------------------------------------------------------
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::{Mutex, MutexGuard, Rank};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -150,8 +156,8 @@ impl Shared {
     }
 }
 
-fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    s.lock()
 }
 
 /// A 16550A UART (vm-superio's model) on the I/O port bus.
@@ -162,12 +168,15 @@ pub struct SerialInput(Arc<Mutex<Shared>>);
 
 impl SerialPort {
     pub fn new(irq: Arc<dyn Irq>, out: CharOut) -> (SerialPort, SerialInput) {
-        let shared = Arc::new(Mutex::new(Shared {
-            uart: Serial::new(IrqTrigger(irq), out),
-            thr_writes: 0,
-            rbr_reads: 0,
-            seen: (0, 0),
-        }));
+        let shared = Arc::new(Mutex::new(
+            Rank::DeviceState,
+            Shared {
+                uart: Serial::new(IrqTrigger(irq), out),
+                thr_writes: 0,
+                rbr_reads: 0,
+                seen: (0, 0),
+            },
+        ));
         (SerialPort(shared.clone()), SerialInput(shared))
     }
 

@@ -16,7 +16,7 @@
 //! the driver sets DRIVER_OK, until a reset. Accesses of odd widths or outside the structures
 //! read as zero and are dropped. No INTx: interrupts are MSI-X only.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,6 +28,7 @@ use crate::devices::virtio::{
     STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VirtioDevice,
 };
 use crate::devices::{Irq, MsiVector, VmHandle};
+use crate::sync::{Mutex, Rank};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -142,20 +143,10 @@ struct QueueIrq {
 
 impl Irq for QueueIrq {
     fn trigger(&self) {
-        let v = self
-            .state
-            .queue_vectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(self.queue)
-            .copied();
-        *self.state.isr.lock().unwrap_or_else(|e| e.into_inner()) |= 1;
+        let v = self.state.queue_vectors.lock().get(self.queue).copied();
+        *self.state.isr.lock() |= 1;
         if let Some(v) = v.filter(|&v| v != NO_VECTOR) {
-            self.state
-                .msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fire(v);
+            self.state.msix.lock().fire(v);
         }
     }
 }
@@ -165,18 +156,10 @@ struct ConfigIrq(Arc<IrqState>);
 
 impl Irq for ConfigIrq {
     fn trigger(&self) {
-        *self.0.isr.lock().unwrap_or_else(|e| e.into_inner()) |= 2;
-        let v = *self
-            .0
-            .config_vector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        *self.0.isr.lock() |= 2;
+        let v = *self.0.config_vector.lock();
         if v != NO_VECTOR {
-            self.0
-                .msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fire(v);
+            self.0.msix.lock().fire(v);
         }
     }
 }
@@ -184,7 +167,7 @@ impl Irq for ConfigIrq {
 impl NeedsReset for ConfigIrq {
     fn needs_reset(&self, why: &str) {
         log::warn!("virtio device needs a reset: {why}");
-        *self.0.status.lock().unwrap_or_else(|e| e.into_inner()) |= STATUS_DEVICE_NEEDS_RESET;
+        *self.0.status.lock() |= STATUS_DEVICE_NEEDS_RESET;
         self.trigger();
     }
 }
@@ -238,38 +221,44 @@ impl VirtioPci {
             });
         }
         let irq = Arc::new(IrqState {
-            msix: Mutex::new(Msix {
-                table: vec![(0, 0, true); vectors.len()],
-                pending: vec![false; vectors.len()],
-                vectors,
-                enabled: false,
-                function_masked: false,
-            }),
-            queue_vectors: Mutex::new(vec![NO_VECTOR; nq]),
-            config_vector: Mutex::new(NO_VECTOR),
-            isr: Mutex::new(0),
-            status: Mutex::new(0),
+            msix: Mutex::new(
+                Rank::VirtioIrq,
+                Msix {
+                    table: vec![(0, 0, true); vectors.len()],
+                    pending: vec![false; vectors.len()],
+                    vectors,
+                    enabled: false,
+                    function_masked: false,
+                },
+            ),
+            queue_vectors: Mutex::new(Rank::VirtioIrq, vec![NO_VECTOR; nq]),
+            config_vector: Mutex::new(Rank::VirtioIrq, NO_VECTOR),
+            isr: Mutex::new(Rank::VirtioIrq, 0),
+            status: Mutex::new(Rank::VirtioIrq, 0),
         });
         let config = build_config_space(device.device_type(), nvec);
-        let dev = Arc::new(Mutex::new(VirtioPci {
-            name: name.to_string(),
-            device,
-            config,
-            vm,
-            mem,
-            mapped_at: bar_addr,
-            bar: bar_addr,
-            device_feature_select: 0,
-            driver_feature_select: 0,
-            driver_features: 0,
-            queue_select: 0,
-            queues,
-            irq,
-            config_generation: 0,
-            me: Weak::new(),
-        }));
+        let dev = Arc::new(Mutex::new(
+            Rank::PciFunction,
+            VirtioPci {
+                name: name.to_string(),
+                device,
+                config,
+                vm,
+                mem,
+                mapped_at: bar_addr,
+                bar: bar_addr,
+                device_feature_select: 0,
+                driver_feature_select: 0,
+                driver_features: 0,
+                queue_select: 0,
+                queues,
+                irq,
+                config_generation: 0,
+                me: Weak::new(),
+            },
+        ));
         {
-            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = dev.lock();
             d.me = Arc::downgrade(&dev);
             d.write_bar_register(bar_addr);
             d.register_ioevents(bar_addr, true);
@@ -278,11 +267,11 @@ impl VirtioPci {
     }
 
     fn status(&self) -> u8 {
-        *self.irq.status.lock().unwrap_or_else(|e| e.into_inner())
+        *self.irq.status.lock()
     }
 
     fn set_status(&mut self, s: u8) {
-        *self.irq.status.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        *self.irq.status.lock() = s;
     }
 
     fn driver_ok(&self) -> bool {
@@ -320,17 +309,9 @@ impl VirtioPci {
             q.queue.reset();
             q.vector = NO_VECTOR;
         }
-        *self
-            .irq
-            .queue_vectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = vec![NO_VECTOR; self.queues.len()];
-        *self
-            .irq
-            .config_vector
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = NO_VECTOR;
-        *self.irq.isr.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+        *self.irq.queue_vectors.lock() = vec![NO_VECTOR; self.queues.len()];
+        *self.irq.config_vector.lock() = NO_VECTOR;
+        *self.irq.isr.lock() = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -437,13 +418,7 @@ impl VirtioPci {
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            (0x10, 2) => u64::from(
-                *self
-                    .irq
-                    .config_vector
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()),
-            ),
+            (0x10, 2) => u64::from(*self.irq.config_vector.lock()),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(self.status()),
             (0x15, 1) => u64::from(self.config_generation),
@@ -483,13 +458,7 @@ impl VirtioPci {
                     _ => {}
                 }
             }
-            (0x10, 2) => {
-                *self
-                    .irq
-                    .config_vector
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = self.valid_vector(v as u16)
-            }
+            (0x10, 2) => *self.irq.config_vector.lock() = self.valid_vector(v as u16),
             (0x14, 1) => self.write_status(v as u8),
             (0x16, 2) => self.queue_select = v as u16,
             (0x1a, 2) => {
@@ -497,13 +466,7 @@ impl VirtioPci {
                 let sel = self.queue_select as usize;
                 if let Some(q) = self.queues.get_mut(sel) {
                     q.vector = vec;
-                    if let Some(slot) = self
-                        .irq
-                        .queue_vectors
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_mut(sel)
-                    {
+                    if let Some(slot) = self.irq.queue_vectors.lock().get_mut(sel) {
                         *slot = vec;
                     }
                 }
@@ -561,18 +524,12 @@ impl VirtioPci {
 
     /// A vector number the table has, else NO_VECTOR (the driver reads it back to check).
     fn valid_vector(&self, v: u16) -> u16 {
-        let n = self
-            .irq
-            .msix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .vectors
-            .len();
+        let n = self.irq.msix.lock().vectors.len();
         if (v as usize) < n { v } else { NO_VECTOR }
     }
 
     fn msix_table_read(&self, offset: u64, data: &mut [u8]) {
-        let m = self.irq.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.irq.msix.lock();
         let (idx, field) = ((offset / 16) as usize, offset % 16);
         let Some(&(addr, msg, masked)) = m.table.get(idx) else {
             return data.fill(0);
@@ -593,7 +550,7 @@ impl VirtioPci {
         let mut b = [0u8; 8];
         b[..data.len()].copy_from_slice(data);
         let v = u64::from_le_bytes(b);
-        let mut m = self.irq.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.irq.msix.lock();
         let (idx, field) = ((offset / 16) as usize, offset % 16);
         let Some(&(addr, msg, masked)) = m.table.get(idx) else {
             return;
@@ -617,7 +574,7 @@ impl VirtioPci {
     }
 
     fn pba_read(&self, offset: u64, data: &mut [u8]) {
-        let m = self.irq.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.irq.msix.lock();
         for (i, d) in data.iter_mut().enumerate() {
             let base = (offset as usize + i) * 8;
             *d = (0..8)
@@ -633,7 +590,7 @@ impl VirtioPci {
             o if o + data.len() as u64 <= COMMON_CFG_LEN => self.common_read(o, data),
             ISR_OFFSET => {
                 // Reading the ISR clears it.
-                let mut isr = self.irq.isr.lock().unwrap_or_else(|e| e.into_inner());
+                let mut isr = self.irq.isr.lock();
                 data[0] = *isr;
                 *isr = 0;
             }
@@ -797,7 +754,7 @@ impl PciFunction for VirtioPci {
             0x04 | 0x05 => self.maybe_relocate(),
             _ if (MSIX_CONTROL..MSIX_CONTROL + 2).contains(&o) => {
                 let ctl = self.config.u16_at(MSIX_CONTROL);
-                let mut m = self.irq.msix.lock().unwrap_or_else(|e| e.into_inner());
+                let mut m = self.irq.msix.lock();
                 m.enabled = ctl & 0x8000 != 0;
                 m.function_masked = ctl & 0x4000 != 0;
                 m.flush_pending();
@@ -972,14 +929,11 @@ mod tests {
 
     impl T {
         fn w(&self, off: u64, v: u64, len: usize) {
-            self.dev
-                .lock()
-                .unwrap()
-                .write(BAR, off, &v.to_le_bytes()[..len]);
+            self.dev.lock().write(BAR, off, &v.to_le_bytes()[..len]);
         }
         fn r(&self, off: u64, len: usize) -> u64 {
             let mut b = [0u8; 8];
-            self.dev.lock().unwrap().read(BAR, off, &mut b[..len]);
+            self.dev.lock().read(BAR, off, &mut b[..len]);
             u64::from_le_bytes(b)
         }
         fn status(&self) -> u8 {
@@ -1099,13 +1053,13 @@ mod tests {
         let t = setup();
         // MSI-X enable through the capability.
         {
-            let mut d = t.dev.lock().unwrap();
+            let mut d = t.dev.lock();
             d.config_write(MSIX_CONTROL as u16, &0x8000u16.to_le_bytes());
         }
         // Config vector 0, table entry 0 masked (the reset state).
         t.w(0x10, 0, 2);
         assert_eq!(t.r(0x10, 2), 0);
-        ConfigIrq(t.dev.lock().unwrap().irq.clone()).trigger();
+        ConfigIrq(t.dev.lock().irq.clone()).trigger();
         assert_eq!(t.fired[0].load(Ordering::SeqCst), 0);
         assert_eq!(t.r(MSIX_PBA_OFFSET, 1) & 1, 1, "pending bit");
         // Unmask: the pending interrupt is delivered.
@@ -1125,7 +1079,7 @@ mod tests {
         f.as_file().set_len(1 << 20).unwrap();
         let disk = Disk::open(f.path(), false, "t").unwrap();
         let t = setup_with(Some(Box::new(Block::new(disk))));
-        let mem = t.dev.lock().unwrap().mem.clone();
+        let mem = t.dev.lock().mem.clone();
         let mut completed = 0u32;
         for round in 0..20u64 {
             let base = 0x1000;
@@ -1186,7 +1140,7 @@ mod tests {
             let t = setup();
             for (off, len, v, write, config) in ops {
                 if config {
-                    let mut d = t.dev.lock().unwrap();
+                    let mut d = t.dev.lock();
                     let off = (off % 4096) as u16;
                     let len = len.min(4);
                     if write {
