@@ -13,6 +13,7 @@ pub mod backend;
 pub mod devices;
 pub mod diag;
 pub mod graph;
+pub mod logging;
 pub mod reconcile;
 pub mod spec;
 pub mod sync;

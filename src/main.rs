@@ -159,10 +159,13 @@ const EXIT_RUNTIME: u8 = 1;
 const EXIT_BAD_FILE: u8 = 2;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_millis()
-        .init();
-    let cli = Cli::parse();
+    vmm::logging::init();
+    let code = run(Cli::parse());
+    vmm::logging::flush();
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check {
             file,

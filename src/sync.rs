@@ -37,9 +37,11 @@ pub enum Rank {
     VirtioIrq,
     /// The VM's GSI routing table (written to KVM while held).
     MsiRouting,
-    /// Takes no other lock: output buffers, the VM's outcome, queued BAR moves, input FIFOs,
-    /// the log limiter, control socket bookkeeping, vhost-user backend state.
+    /// Takes no other lock but the logger's: output buffers, the VM's outcome, queued BAR
+    /// moves, input FIFOs, control socket bookkeeping, vhost-user backend state.
     Leaf,
+    /// The logger's per-site counters: anything may log.
+    Log,
 }
 
 #[cfg(debug_assertions)]

@@ -19,7 +19,7 @@ cd "$here"   # sources are named relative to here, which keeps paths out of the 
 
 pvh_guests=(hello-pvh reset pciscan rtc echo spin triple-fault bad-fetch hotplug)
 elf64_guests=(hello-elf64 cpuid)
-c_guests=(blk)
+c_guests=(blk stress)
 
 cflags=(-ffreestanding -fno-pic -fno-stack-protector -mno-red-zone -mgeneral-regs-only
   -fno-asynchronous-unwind-tables -O2 -Wall -Wextra)
