@@ -9,6 +9,8 @@
 //! Each stage has its own types and never reaches back; every problem on the way is a
 //! [`diag::Diag`] with a span into the file, and all of them are reported at once.
 
+#[cfg(test)]
+mod alloc_track;
 pub mod backend;
 pub mod devices;
 pub mod diag;

@@ -180,8 +180,8 @@ impl CharInput for ConsoleInput {
 }
 
 /// Writes what the guest transmitted to `out`, chain by chain, in order. Only device-readable
-/// descriptors are read; a chain longer than [`TX_CHAIN_LIMIT`] is dropped unread and a chain
-/// with a bad address is output up to the bad descriptor. Every chain is returned with length 0.
+/// descriptors are read; a chain longer than [`TX_CHAIN_LIMIT`] is dropped and a chain with a
+/// bad address is output up to the bad descriptor. Every chain is returned with length 0.
 /// Output errors lose output, never the guest's buffers. Returns whether any chain was used
 /// (the caller notifies).
 pub fn transmit<M: GuestMemory, W: Write + ?Sized>(
@@ -190,11 +190,12 @@ pub fn transmit<M: GuestMemory, W: Write + ?Sized>(
     out: &mut W,
 ) -> bool {
     let mut used = false;
+    let mut buf = Vec::new();
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
-        let bytes = gather(chain, mem);
-        if !bytes.is_empty() {
-            let _ = out.write_all(&bytes);
+        gather(chain, mem, &mut buf);
+        if !buf.is_empty() {
+            let _ = out.write_all(&buf);
         }
         // A head past the table is the guest's error: skip it, serve the next chains.
         used |= queue.add_used(mem, head, 0).is_ok();
@@ -202,28 +203,29 @@ pub fn transmit<M: GuestMemory, W: Write + ?Sized>(
     used
 }
 
-/// The readable bytes of a transmit chain (see [`transmit`]).
-fn gather<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M) -> Vec<u8> {
+/// The readable bytes of a transmit chain into `buf` (see [`transmit`]), in one pass: each
+/// descriptor is read from guest memory once and its length checked against what is left of
+/// [`TX_CHAIN_LIMIT`] before anything is allocated for it, so a vCPU rewriting the descriptors
+/// meanwhile cannot make the buffer grow past the limit.
+fn gather<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M, buf: &mut Vec<u8>) {
+    buf.clear();
     // The chain iterator stops at loops (queue size) and at 4 GiB in total.
-    let total: u64 = chain
-        .clone()
-        .filter(|d| !d.is_write_only())
-        .map(|d| u64::from(d.len()))
-        .sum();
-    if total > TX_CHAIN_LIMIT {
-        log::debug!("virtio-console: dropped a {total}-byte transmit chain");
-        return Vec::new();
-    }
-    let mut buf = Vec::with_capacity(total as usize);
     for d in chain.filter(|d| !d.is_write_only()) {
         let start = buf.len();
-        buf.resize(start + d.len() as usize, 0);
+        let len = d.len() as usize;
+        if len as u64 > TX_CHAIN_LIMIT - start as u64 {
+            log::debug!(
+                "virtio-console: dropped a transmit chain of more than {TX_CHAIN_LIMIT} bytes"
+            );
+            buf.clear();
+            return;
+        }
+        buf.resize(start + len, 0);
         if mem.read_slice(&mut buf[start..], d.addr()).is_err() {
             buf.truncate(start);
-            break;
+            return;
         }
     }
-    buf
 }
 
 /// Moves `pending` input into the guest's receive buffers while both exist: each chain's
@@ -731,6 +733,45 @@ mod tests {
             vq.avail().idx().store(idx.wrapping_add(jump));
             serve_both(&mem, &vq);
         }
+    }
+
+    /// A vCPU rewriting a transmit descriptor's length between 16 bytes and 1 GiB while the
+    /// chain is served: each descriptor is fetched once, so the buffer never grows past the
+    /// 64 KiB limit (it once took the length twice and allocated what the second read said).
+    #[test]
+    fn a_descriptor_rewritten_while_served_never_grows_the_buffer() {
+        let mem = memory();
+        let vq = Vq::new(&mem, QUEUE_SIZE);
+        post(&vq, 0, &[(BUF, 16, 0), (BUF + 0x100, 16, 0)]);
+        let len_at = GuestAddress(vq.desc_table_addr().0 + 16 + 8);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m2, s2) = (mem.clone(), stop.clone());
+        let racer = std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !s2.load(Ordering::Relaxed) {
+                m2.write_obj(16u32, len_at).unwrap();
+                m2.write_obj(1u32 << 30, len_at).unwrap();
+                flips += 1;
+            }
+            flips
+        });
+        let mut q: Queue = vq.create_queue().unwrap();
+        let (served, peak) = crate::alloc_track::peak(|| {
+            let mut served = 0u32;
+            for _ in 0..20_000 {
+                offer(&vq, 0);
+                served += u32::from(transmit(&mut q, &mem, &mut std::io::sink()));
+            }
+            served
+        });
+        stop.store(true, Ordering::Relaxed);
+        let flips = racer.join().unwrap();
+        assert_eq!(served, 20_000);
+        assert!(flips > 1000, "the racer hardly ran ({flips} flips)");
+        assert!(
+            peak <= TX_CHAIN_LIMIT as usize + 4096,
+            "transmit had {peak} bytes allocated at once"
+        );
     }
 
     fn console(out: CharOut) -> Console {
