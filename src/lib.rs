@@ -15,6 +15,7 @@ pub mod backend;
 pub mod devices;
 pub mod diag;
 pub mod graph;
+pub mod hostfile;
 pub mod logging;
 pub mod reconcile;
 pub mod spec;
@@ -47,9 +48,19 @@ pub fn check_bytes(path: &Path, bytes: Vec<u8>) -> Result<Checked, Report> {
     check_loaded(spec::load_bytes(path, bytes)?)
 }
 
+/// [`check_bytes`] for an edit of the running machine `prev`: host files it named are taken as
+/// they were (see [`validate::validate_since`]).
+pub fn check_bytes_since(path: &Path, bytes: Vec<u8>, prev: &Checked) -> Result<Checked, Report> {
+    check_loaded_since(spec::load_bytes(path, bytes)?, Some(&prev.valid))
+}
+
 /// Validates and lowers an already loaded machine file.
 pub fn check_loaded(loaded: spec::Loaded) -> Result<Checked, Report> {
-    let (valid, warnings) = match validate::validate(loaded) {
+    check_loaded_since(loaded, None)
+}
+
+fn check_loaded_since(loaded: spec::Loaded, prev: Option<&ValidSpec>) -> Result<Checked, Report> {
+    let (valid, warnings) = match validate::validate_since(loaded, prev) {
         Ok(v) => v,
         Err((loaded, diags)) => return Err(loaded.report(diags)),
     };

@@ -15,6 +15,13 @@ fn bad_configs_fail_with_spans() {
     std::fs::create_dir_all(&fixtures).unwrap();
     let huge = std::fs::File::create(fixtures.join("huge.initrd")).unwrap();
     huge.set_len(8 << 20).unwrap();
+    // A FIFO as the kernel: a blocking open would hang `vmm check` (git cannot hold one).
+    let fifo = fixtures.join("fifo");
+    if !fifo.exists() {
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    }
 
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

@@ -312,3 +312,92 @@ fn an_image_on_a_read_only_file_system_needs_readonly() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("OK 8"), "the guest read every record: {out}");
 }
+
+/// A loop device backed by a file, detached on drop.
+struct Loop {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Loop {
+    fn new(data: &[u8]) -> Option<Loop> {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("backing.img");
+        std::fs::write(&img, data).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .ok()?;
+        out.status.success().then(|| Loop {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// A block device is a disk with its real size (BLKGETSIZE64; its inode says 0), the guest
+/// reads what is on it; a mounted one is refused by `vmm check` and `vmm up` alike.
+#[test]
+fn a_block_device_is_a_disk_and_a_mounted_one_is_refused() {
+    if !kvm_or_skip("a_block_device_is_a_disk_and_a_mounted_one_is_refused") {
+        return;
+    }
+    let mut data = Vec::new();
+    for i in 0..16 {
+        data.extend(record(i));
+    }
+    data.resize(3 << 20, 0);
+    let Some(lo) = Loop::new(&data) else {
+        common::skip(
+            "a_block_device_is_a_disk_and_a_mounted_one_is_refused",
+            "no loop device (losetup needs root and the loop driver)",
+        );
+        return;
+    };
+    let dev = std::path::Path::new(&lo.dev);
+    let m = machine(dev, "mode=verify records=16 start=0");
+    let (code, out, err) = Vm::start(&m.file, Duration::from_secs(60), &[]).finish();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("BLK capacity=6144"), "{out}");
+    assert!(out.contains("OK 16"), "{out}");
+
+    // Mounted: refused, with the reason.
+    let mkfs = std::process::Command::new("mkfs.ext2")
+        .args(["-q", &lo.dev])
+        .status();
+    if !mkfs.is_ok_and(|s| s.success()) {
+        common::skip(
+            "a_block_device_is_a_disk_and_a_mounted_one_is_refused",
+            "mkfs.ext2 is missing (e2fsprogs)",
+        );
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    assert!(
+        std::process::Command::new("mount")
+            .arg(&lo.dev)
+            .arg(mnt.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let check = common::run(&["check", m.file.to_str().unwrap()]);
+    let up = Vm::start(&m.file, Duration::from_secs(60), &[]).finish();
+    let _ = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status();
+    let msg = common::text(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("is a block device in use"), "{msg}");
+    assert_eq!(up.0, Some(2), "{}", up.2);
+    assert!(up.2.contains("is a block device in use"), "{}", up.2);
+}

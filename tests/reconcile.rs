@@ -534,3 +534,35 @@ fn a_socket_that_closes_without_answering_is_reported() {
         "{err}"
     );
 }
+
+/// Files the running machine named and that the edit leaves as they were are not looked at
+/// again: a kernel being rebuilt (gone for a moment), a FIFO or a device at its path must not
+/// stop a NIC edit. A path that changes is checked, and never blocks.
+#[test]
+fn unchanged_files_do_not_stop_a_nic_edit_and_changed_ones_are_checked() {
+    let mut s = Setup::new(BASE);
+    std::fs::remove_file(s.dir.path().join("vmlinux")).unwrap();
+    std::fs::remove_file(s.dir.path().join("disk.img")).unwrap();
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    let o = s.edit(&with);
+    assert_eq!(o.verdict, Verdict::Live, "{}", o.lines.join("\n"));
+    assert_eq!(s.fake.take(), ["plug eth1 30"]);
+    // The kernel's path now names a FIFO: the edit is a restart-only change, checked at once
+    // (a blocking open would wait for a writer forever) and refused with the reason.
+    let fifo = s.dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let o = s.edit(&with.replace("kernel = \"vmlinux\"", "kernel = \"fifo\""));
+    assert_eq!(o.verdict, Verdict::Invalid);
+    assert!(
+        o.lines.join("\n").contains("is a FIFO, not a regular file"),
+        "{}",
+        o.lines.join("\n")
+    );
+    assert!(s.fake.take().is_empty());
+    // A new disk image path is checked too (and the missing file reported).
+    let o = s.edit(&with.replace("path = \"disk.img\"", "path = \"other.img\""));
+    assert_eq!(o.verdict, Verdict::Invalid);
+    assert!(o.lines.join("\n").contains("other.img does not exist"));
+}

@@ -56,7 +56,7 @@ impl DeviceSpec for BlockSpec {
         }
     }
     fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
-        if let Some(file) = cx.input_file("path", &self.path, !self.readonly) {
+        if let Some(file) = cx.disk_image("path", &self.path, !self.readonly) {
             cx.claim(
                 "disk image",
                 file.path.display().to_string(),
@@ -164,14 +164,14 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens `path`: read-write unless `readonly`, with an exclusive lock (shared when
-    /// read-only) so two VMs cannot write one image.
+    /// Opens `path` (a regular file or a block device, see [`crate::hostfile`]): read-write
+    /// unless `readonly`, with an exclusive lock (shared when read-only) so two VMs cannot
+    /// write one image.
     pub fn open(path: &std::path::Path, readonly: bool, id: &str) -> Result<Disk, String> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|e| format!("cannot open disk image {}: {e}", path.display()))?;
+        let opened =
+            crate::hostfile::open_input(path, crate::hostfile::Use::Disk { write: !readonly })
+                .map_err(|e| format!("disk image {} {e}", path.display()))?;
+        let file = opened.file;
         let op = if readonly {
             libc::LOCK_SH
         } else {
@@ -185,10 +185,7 @@ impl Disk {
                 path.display()
             ));
         }
-        let len = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
+        let len = opened.len;
         let mut idb = [0u8; VIRTIO_BLK_ID_BYTES];
         let n = id.len().min(VIRTIO_BLK_ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);

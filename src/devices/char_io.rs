@@ -39,7 +39,7 @@ impl CharIo {
                     "socket"
                 };
                 let at = format!("{field}/{sub}");
-                if let Some(abs) = cx.output_path(&at, p) {
+                if let Some(abs) = cx.output_path(&at, p, sub == "socket") {
                     cx.claim("output path", abs.display().to_string(), &at, "");
                 }
             }
@@ -171,14 +171,13 @@ pub fn open(
         CharIo::None => Ok((CharOut::Sink, None)),
         CharIo::File(p) => {
             let path = p.resolve(base);
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|source| CharIoError::File {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            let f = crate::hostfile::open_output(&path).map_err(|e| CharIoError::File {
+                path: path.display().to_string(),
+                source: match e {
+                    crate::hostfile::OutputError::Io(e) => e,
+                    other => io::Error::other(other.to_string()),
+                },
+            })?;
             Ok((CharOut::File(f), None))
         }
         CharIo::Socket(p) => {

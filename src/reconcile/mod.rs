@@ -251,7 +251,7 @@ impl<T: Target> Reconciler<T> {
     /// Checks, plans and (with `apply`) applies the machine file `bytes` read from `path`.
     pub fn edit(&mut self, path: &Path, bytes: Vec<u8>, apply: bool) -> EditOutcome {
         let name = path.display().to_string();
-        let new = match crate::check_bytes(path, bytes) {
+        let new = match crate::check_bytes_since(path, bytes, &self.desired) {
             Ok(c) => c,
             Err(report) => return invalid(&name, &report),
         };

@@ -8,8 +8,11 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::FileTypeExt;
+
 use crate::devices::DeviceKind;
 use crate::diag::{Diag, Diags};
+use crate::hostfile::{self, OpenError, Use};
 use crate::spec::units::{FilePath, MIB, TIB, human_size};
 use crate::spec::{Loaded, MachineSpec};
 
@@ -25,6 +28,18 @@ pub const MAX_CMDLINE: usize = 2048;
 #[derive(Debug, Clone)]
 pub struct ValidSpec {
     loaded: Loaded,
+    /// The host files it names, as they were checked.
+    files: Known,
+}
+
+/// The host files a valid machine file names, as validation found them. Re-validating an
+/// edit of a running machine's file takes these as they are (see [`validate_since`]).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Input files by (what, absolute path, opened for writing).
+    inputs: HashMap<(String, PathBuf, bool), FileInfo>,
+    /// Output paths (absolute).
+    outputs: std::collections::HashSet<PathBuf>,
 }
 
 impl ValidSpec {
@@ -40,17 +55,32 @@ impl ValidSpec {
     /// Test helper: trust a spec without checking files on disk.
     #[doc(hidden)]
     pub fn assume_valid(loaded: Loaded) -> ValidSpec {
-        ValidSpec { loaded }
+        ValidSpec {
+            loaded,
+            files: Known::default(),
+        }
     }
 }
 
 /// Validates a loaded file. Returns the valid spec (with any warnings) or every problem found.
 pub fn validate(loaded: Loaded) -> Result<(ValidSpec, Diags), (Loaded, Diags)> {
-    let diags = check(&loaded);
+    validate_since(loaded, None)
+}
+
+/// [`validate`] for an edit of a machine whose file `prev` was accepted before (a running VM's
+/// file). Host files `prev` named at the same path for the same use are taken as they were
+/// then, without touching them: the VM already has them open, and a change to one of them
+/// needs a restart anyway, so a kernel being rebuilt (missing for a moment) or a disk image
+/// another program holds must not stop a NIC edit. Paths that are new are checked.
+pub fn validate_since(
+    loaded: Loaded,
+    prev: Option<&ValidSpec>,
+) -> Result<(ValidSpec, Diags), (Loaded, Diags)> {
+    let (diags, files) = check(&loaded, prev.map(|p| &p.files));
     if diags.iter().any(|d| !d.warning) {
         Err((loaded, diags))
     } else {
-        Ok((ValidSpec { loaded }, diags))
+        Ok((ValidSpec { loaded, files }, diags))
     }
 }
 
@@ -65,6 +95,8 @@ pub struct Validator<'a> {
     loaded: &'a Loaded,
     diags: Diags,
     claims: HashMap<(&'static str, String), Claim>,
+    prev: Option<&'a Known>,
+    files: Known,
 }
 
 /// Facts about an input file that exists and can be opened.
@@ -72,20 +104,24 @@ pub struct Validator<'a> {
 pub struct FileInfo {
     /// Canonical absolute path.
     pub path: PathBuf,
+    /// Bytes (a block device's size).
     pub len: u64,
+    pub block_device: bool,
 }
 
-fn check(loaded: &Loaded) -> Diags {
+fn check(loaded: &Loaded, prev: Option<&Known>) -> (Diags, Known) {
     let mut v = Validator {
         loaded,
         diags: Vec::new(),
         claims: HashMap::new(),
+        prev,
+        files: Known::default(),
     };
     v.machine();
     v.devices();
     let mut diags = v.diags;
     diags.sort_by_key(|d| (d.primary_span().map_or(0, |s| s.start), d.warning));
-    diags
+    (diags, v.files)
 }
 
 impl<'a> Validator<'a> {
@@ -136,11 +172,11 @@ impl<'a> Validator<'a> {
             self.push(d);
         }
 
-        let kernel = self.input_file("/kernel", &spec.kernel, false, "kernel");
+        let kernel = self.input_file("/kernel", &spec.kernel, Use::Read, "kernel");
         let initrd = spec
             .initrd
             .as_ref()
-            .and_then(|p| self.input_file("/initrd", p, false, "initrd"));
+            .and_then(|p| self.input_file("/initrd", p, Use::Read, "initrd"));
         if let (Some(k), Some(i)) = (&kernel, &initrd) {
             // Both must fit in RAM next to each other (the loaders check the exact layout).
             if k.len.saturating_add(i.len) > mem {
@@ -272,90 +308,58 @@ impl<'a> Validator<'a> {
                 v: self,
                 ptr,
                 name: d.name(),
-                kind,
             };
             d.check(&mut cx);
         }
     }
 
-    /// Checks that `path` names a readable regular file (writable too, if `write`).
-    fn input_file(
-        &mut self,
-        ptr: &str,
-        path: &FilePath,
-        write: bool,
-        what: &str,
-    ) -> Option<FileInfo> {
+    /// Checks that `path` names what `how` wants (a regular file to read, or a disk image:
+    /// a regular file or a block device, writable if the guest may write) without blocking or
+    /// opening anything that acts on open (see [`crate::hostfile`]).
+    fn input_file(&mut self, ptr: &str, path: &FilePath, how: Use, what: &str) -> Option<FileInfo> {
         let abs = path.resolve(&self.loaded.base_dir);
+        let write = matches!(how, Use::Disk { write: true });
+        let key = (what.to_string(), abs.clone(), write);
+        if let Some(info) = self.prev.and_then(|k| k.inputs.get(&key)) {
+            let info = info.clone();
+            self.files.inputs.insert(key, info.clone());
+            return Some(info);
+        }
         let span = self.span(ptr);
-        let fail = |msg: String, help: &str| {
-            let d = Diag::error("vmm::file", msg).label(span.clone(), "this path");
-            if help.is_empty() {
-                d
-            } else {
-                d.help(help.to_string())
-            }
-        };
-        let meta = match std::fs::metadata(&abs) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let d = fail(
-                    format!("The {what} file {} does not exist", abs.display()),
-                    "relative paths are resolved against the machine file's directory",
-                );
+        let opened = match hostfile::open_input(&abs, how) {
+            Ok(o) => o,
+            Err(e) => {
+                let help = match &e {
+                    OpenError::Missing => {
+                        "relative paths are resolved against the machine file's directory"
+                    }
+                    OpenError::NotWritable(_) => {
+                        "set `readonly = true` to give the guest a read-only disk"
+                    }
+                    OpenError::BusyDevice => "unmount it, or stop the program that holds it",
+                    OpenError::WrongKind(..) if how == Use::Read => {
+                        "copy what it gives into a regular file and name that"
+                    }
+                    _ => "",
+                };
+                let mut d = Diag::error("vmm::file", format!("The {what} {} {e}", abs.display()))
+                    .label(span, "this path");
+                if !help.is_empty() {
+                    d = d.help(help.to_string());
+                }
                 self.push(d);
                 return None;
             }
-            Err(e) => {
-                self.push(fail(
-                    format!("Cannot access the {what} file {}: {e}", abs.display()),
-                    "",
-                ));
-                return None;
-            }
         };
-        if meta.is_dir() {
-            self.push(fail(
-                format!(
-                    "The {what} path {} is a directory, not a file",
-                    abs.display()
-                ),
-                "",
-            ));
-            return None;
-        }
-        if let Err(e) = std::fs::File::open(&abs) {
-            self.push(fail(
-                format!("Cannot read the {what} file {}: {e}", abs.display()),
-                "",
-            ));
-            return None;
-        }
-        if write && !writable(&abs) {
-            let e = std::io::Error::last_os_error();
-            let d = fail(
-                format!("The {what} file {} is not writable: {e}", abs.display()),
-                "set `readonly = true` to give the guest a read-only disk",
-            );
-            self.push(d);
-            return None;
-        }
         let canonical = std::fs::canonicalize(&abs).unwrap_or(abs);
-        Some(FileInfo {
+        let info = FileInfo {
             path: canonical,
-            len: meta.len(),
-        })
+            len: opened.len,
+            block_device: opened.block_device,
+        };
+        self.files.inputs.insert(key, info.clone());
+        Some(info)
     }
-}
-
-/// Whether the calling process may write `path` (access(2), which opens nothing).
-fn writable(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// What a device's own checks ([`DeviceSpec::check`]) can do.
@@ -363,7 +367,6 @@ pub struct DeviceCheck<'c, 'a> {
     v: &'c mut Validator<'a>,
     ptr: String,
     name: &'a str,
-    kind: DeviceKind,
 }
 
 /// A diagnostic just reported, to add help to.
@@ -433,21 +436,26 @@ impl DeviceCheck<'_, '_> {
         }
     }
 
-    /// Checks an input file of the device (see [`Validator::input_file`]).
-    pub fn input_file(&mut self, field: &str, path: &FilePath, write: bool) -> Option<FileInfo> {
-        let what = match self.kind {
-            DeviceKind::Block => "disk image",
-            _ => "device",
-        };
-        self.v.input_file(&self.field(field), path, write, what)
+    /// Checks a disk image of the device: a regular file or a block device, writable if
+    /// `write` (see [`Validator::input_file`]).
+    pub fn disk_image(&mut self, field: &str, path: &FilePath, write: bool) -> Option<FileInfo> {
+        self.v
+            .input_file(&self.field(field), path, Use::Disk { write }, "disk image")
     }
 
-    /// Checks a path vmm will create (a log file, a socket): its directory must exist and the
-    /// path must not be a directory. Returns the absolute path.
-    pub fn output_path(&mut self, field: &str, path: &FilePath) -> Option<PathBuf> {
+    /// Checks a path vmm will create (a log file when `socket` is false, a socket): its
+    /// directory must exist, and what is there already must be what vmm would make (a regular
+    /// file; a socket, which vmm replaces). Opens nothing. Returns the absolute path.
+    pub fn output_path(&mut self, field: &str, path: &FilePath, socket: bool) -> Option<PathBuf> {
         let abs = path.resolve(&self.v.loaded.base_dir);
         let span = self.v.span(&self.field(field));
         let parent = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = std::fs::canonicalize(&parent).unwrap_or_else(|_| parent.clone());
+        let out = abs.file_name().map_or(dir.clone(), |f| dir.join(f));
+        if self.v.prev.is_some_and(|k| k.outputs.contains(&out)) {
+            self.v.files.outputs.insert(out.clone());
+            return Some(out);
+        }
         if !parent.is_dir() {
             let d = Diag::error(
                 "vmm::file",
@@ -458,15 +466,44 @@ impl DeviceCheck<'_, '_> {
             self.v.push(d);
             return None;
         }
-        if abs.is_dir() {
-            let d = Diag::error("vmm::file", format!("{} is a directory", abs.display()))
+        let problem = match std::fs::symlink_metadata(&abs) {
+            Err(_) => None,
+            Ok(m) if m.is_dir() => Some(("is a directory", "")),
+            Ok(m) if socket && !m.file_type().is_socket() => Some((
+                "exists and is not a socket",
+                "vmm replaces only a socket left by an earlier run: remove it or pick another path",
+            )),
+            Ok(_) if socket => None,
+            Ok(_) => match hostfile::check_output(&abs) {
+                Ok(()) => None,
+                Err(_) if is_dev_null(&abs) => Some((
+                    "is a character device",
+                    "use `io = \"none\"` to discard the output",
+                )),
+                Err(_) => Some((
+                    "is not a regular file",
+                    "output files are appended to; name a regular file (or a new one), or use a `socket`",
+                )),
+            },
+        };
+        if let Some((what, help)) = problem {
+            let role = if socket { "socket path" } else { "output file" };
+            let mut d = Diag::error("vmm::file", format!("The {role} {} {what}", abs.display()))
                 .label(span, "this path");
+            if !help.is_empty() {
+                d = d.help(help.to_string());
+            }
             self.v.push(d);
             return None;
         }
-        let dir = std::fs::canonicalize(&parent).unwrap_or(parent);
-        Some(abs.file_name().map_or(dir.clone(), |f| dir.join(f)))
+        self.v.files.outputs.insert(out.clone());
+        Some(out)
     }
+}
+
+/// Whether `p` is /dev/null (the one character device people name as an output).
+fn is_dev_null(p: &Path) -> bool {
+    std::fs::canonicalize(p).is_ok_and(|c| c == Path::new("/dev/null"))
 }
 
 fn capital(s: &str) -> String {

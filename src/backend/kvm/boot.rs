@@ -144,7 +144,7 @@ fn write<T: ByteValued>(
 pub fn load(mem: &GuestMem, graph: &DeviceGraph, rsdp: u64) -> Result<Entry, BootError> {
     let kpath = graph.path(&graph.boot.kernel);
     let kname = kpath.display().to_string();
-    let mut kernel = File::open(&kpath).map_err(|source| BootError::KernelIo {
+    let mut kernel = open_regular(&kpath).map_err(|source| BootError::KernelIo {
         path: kname.clone(),
         source,
     })?;
@@ -322,6 +322,17 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Opens a kernel or initrd: only a regular file, never blocking (see [`crate::hostfile`]).
+fn open_regular(path: &Path) -> std::io::Result<File> {
+    crate::hostfile::open_input(path, crate::hostfile::Use::Read)
+        .map(|o| o.file)
+        .map_err(|e| match e {
+            crate::hostfile::OpenError::Io(e) => e,
+            crate::hostfile::OpenError::Missing => std::io::ErrorKind::NotFound.into(),
+            other => std::io::Error::other(other.to_string()),
+        })
+}
+
 fn load_initrd(
     mem: &GuestMem,
     path: &Path,
@@ -333,7 +344,7 @@ fn load_initrd(
         path: name.clone(),
         source,
     };
-    let mut f = File::open(path).map_err(io)?;
+    let mut f = open_regular(path).map_err(io)?;
     let size = f.metadata().map_err(io)?.len();
     let lowest = kernel_end.max(HIMEM_START).next_multiple_of(4096);
     let addr = limit
