@@ -70,11 +70,21 @@ impl Diag {
 /// A list of diagnostics, in the order found.
 pub type Diags = Vec<Diag>;
 
+/// The most diagnostics a report keeps; the rest are only counted (a broken file of 1 MiB can
+/// have 100,000 problems, and nobody reads past the first screens).
+pub const MAX_SHOWN: usize = 100;
+
+/// Lines longer than this are not quoted in rendered diagnostics.
+pub const MAX_SNIPPET_LINE: usize = 500;
+
 /// Diagnostics bound to the text they point into.
 #[derive(Debug, Clone)]
 pub struct Report {
     pub source: Arc<NamedSource<String>>,
+    /// The first [`MAX_SHOWN`] diagnostics.
     pub diags: Diags,
+    /// (errors, warnings) found beyond those.
+    pub omitted: (usize, usize),
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -130,24 +140,50 @@ pub struct JsonLabel<'a> {
 }
 
 impl Report {
-    pub fn new(name: &str, text: String, diags: Diags) -> Report {
+    pub fn new(name: &str, text: String, mut diags: Diags) -> Report {
+        // A parser that cannot recover says the same thing at the same place again and again.
+        diags.dedup_by(|a, b| {
+            a.code == b.code && a.message == b.message && a.primary_span() == b.primary_span()
+        });
+        let rest = diags.split_off(diags.len().min(MAX_SHOWN));
+        let warnings = rest.iter().filter(|d| d.warning).count();
         Report {
             source: Arc::new(NamedSource::new(name, text)),
             diags,
+            omitted: (rest.len() - warnings, warnings),
         }
+    }
+    /// Diagnostics found, shown or not.
+    pub fn total(&self) -> usize {
+        self.diags.len() + self.omitted.0 + self.omitted.1
+    }
+    /// The line that says how many diagnostics are not shown, if any are not.
+    pub fn omitted_line(&self) -> Option<String> {
+        let n = self.omitted.0 + self.omitted.1;
+        (n > 0).then(|| {
+            format!(
+                "… and {n} more problem{} not shown (the first {MAX_SHOWN} are)",
+                if n == 1 { "" } else { "s" }
+            )
+        })
     }
     pub fn text(&self) -> &str {
         self.source.inner()
     }
     pub fn has_errors(&self) -> bool {
-        self.diags.iter().any(|d| !d.warning)
+        self.error_count() > 0
     }
     pub fn error_count(&self) -> usize {
-        self.diags.iter().filter(|d| !d.warning).count()
+        self.diags.iter().filter(|d| !d.warning).count() + self.omitted.0
     }
 
-    /// Renders every diagnostic with miette's graphical handler.
+    /// Renders every diagnostic with miette's graphical handler, which shows the lines the
+    /// labels point into. A file with a line longer than [`MAX_SNIPPET_LINE`] is rendered
+    /// without them (one such line, quoted by each diagnostic, would be megabytes of output).
     pub fn render(&self, color: bool, width: usize) -> String {
+        if self.text().lines().any(|l| l.len() > MAX_SNIPPET_LINE) {
+            return self.render_plain();
+        }
         let theme = if color {
             GraphicalTheme::unicode()
         } else {
@@ -162,6 +198,43 @@ impl Report {
             };
             // Writing to a String cannot fail.
             let _ = handler.render_report(&mut out, &r);
+        }
+        if let Some(l) = self.omitted_line() {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Each diagnostic as its message, the places of its labels and its help.
+    fn render_plain(&self) -> String {
+        use std::fmt::Write;
+        let text = self.text();
+        let index = LineIndex::new(text);
+        let mut out = String::new();
+        for d in &self.diags {
+            let mark = if d.warning { '⚠' } else { '×' };
+            let _ = writeln!(out, "{}\n\n  {mark} {}", d.code, d.message);
+            for l in &d.labels {
+                let (line, col) = index.line_col(text, l.span.start);
+                let _ = writeln!(
+                    out,
+                    "    at {}:{line}:{col}{}",
+                    self.source.name(),
+                    l.text
+                        .as_deref()
+                        .map(|t| format!(": {t}"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(h) = &d.help {
+                let _ = writeln!(out, "  help: {h}");
+            }
+            out.push('\n');
+        }
+        if let Some(l) = self.omitted_line() {
+            out.push_str(&l);
+            out.push('\n');
         }
         out
     }

@@ -214,6 +214,13 @@ fn emit(report: &Report, format: Format) {
             for d in report.json() {
                 println!("{}", serde_json::to_string(&d).unwrap_or_default());
             }
+            if let Some(l) = report.omitted_line() {
+                let (errors, warnings) = report.omitted;
+                println!(
+                    "{}",
+                    serde_json::json!({ "omitted": { "errors": errors, "warnings": warnings }, "message": l })
+                );
+            }
         }
         Format::Human => {
             let tty = std::io::stderr().is_terminal();
@@ -224,10 +231,7 @@ fn emit(report: &Report, format: Format) {
                 100
             };
             eprint!("{}", report.render(color, width));
-            let (e, w) = (
-                report.error_count(),
-                report.diags.len() - report.error_count(),
-            );
+            let (e, w) = (report.error_count(), report.total() - report.error_count());
             let name = report.source.name();
             match (e, w) {
                 (0, w) => eprintln!("{name}: {w} warning{}", plural(w)),
@@ -398,7 +402,9 @@ fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf
         if p.is_file() {
             // The name is all that is needed: an otherwise invalid file still names its VM,
             // which then reports every problem in it.
-            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {m}: {e}"))?;
+            let bytes =
+                vmm::spec::read_machine_file(p).map_err(|e| format!("cannot read {m}: {e}"))?;
+            let text = String::from_utf8_lossy(&bytes);
             let format = vmm::spec::source::Format::of_path(p);
             let name = vmm::spec::source::parse(&text, format)
                 .ok()
@@ -473,12 +479,18 @@ fn call_vm(
 /// `vmm plan FILE` and `vmm apply FILE`: the running VM checks and plans the file itself.
 fn remote_edit(file: &Path, socket: Option<PathBuf>, format: Format, apply: bool) -> ExitCode {
     use vmm::reconcile::control::Request;
-    let text = match std::fs::read_to_string(file) {
-        Ok(t) => t,
+    let bytes = match vmm::spec::read_machine_file(file) {
+        Ok(b) => b,
         Err(e) => {
             eprintln!("vmm: cannot read {}: {e}", file.display());
             return ExitCode::from(EXIT_BAD_FILE);
         }
+    };
+    // Too large or not UTF-8: said here, as `vmm check` says it (the VM would say the same).
+    let text = match String::from_utf8(bytes) {
+        Ok(t) if t.len() <= vmm::spec::MAX_FILE_SIZE => t,
+        Ok(t) => return bad_file(file, t.into_bytes()),
+        Err(e) => return bad_file(file, e.into_bytes()),
     };
     let sock = match find_socket(Some(&file.display().to_string()), socket) {
         Ok(s) => s,
@@ -507,6 +519,14 @@ fn remote_edit(file: &Path, socket: Option<PathBuf>, format: Format, apply: bool
         Some("needs-restart") if apply => ExitCode::from(EXIT_RUNTIME),
         _ => ExitCode::SUCCESS,
     }
+}
+
+/// Reports why `bytes` (read from `file`) cannot be a machine file; exit 2.
+fn bad_file(file: &Path, bytes: Vec<u8>) -> ExitCode {
+    if let Err(report) = vmm::spec::load_bytes(file, bytes) {
+        emit(&report, Format::Human);
+    }
+    ExitCode::from(EXIT_BAD_FILE)
 }
 
 fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> ExitCode {

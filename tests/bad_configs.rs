@@ -159,3 +159,62 @@ fn a_missing_machine_file_is_exit_2() {
         text(&out.stderr)
     );
 }
+
+/// One size limit for every way a machine file comes in, and at most 100 diagnostics shown:
+/// no input makes vmm read or print without bound (docs/performance.md has the worst inputs'
+/// time and peak RSS, from benches/check.rs).
+#[test]
+fn oversized_files_and_endless_problems_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k"), b"x").unwrap();
+    let huge = dir.path().join("huge.toml");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let small = dir.path().join("ok.toml");
+    std::fs::write(
+        &small,
+        "name = \"m\"\nmemory = \"64M\"\nvcpus = 1\nkernel = \"k\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["check", huge.to_str().unwrap()],
+        vec!["plan", small.to_str().unwrap(), huge.to_str().unwrap()],
+        vec!["graph", huge.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        let err = text(&out.stderr) + &text(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("larger than 256 KiB, the most vmm reads"),
+            "{args:?}: {err}"
+        );
+        assert!(err.len() < 4096, "{args:?}: {} bytes of output", err.len());
+    }
+    // 10,000 misspelt keys: the first 100 problems and a count of the rest.
+    let mut many = String::from("name = \"m\"\nmemory = \"64M\"\nvcpus = 1\nkernel = \"k\"\n");
+    for _ in 0..10_000 {
+        many.push_str("[[net]]\nnmae = \"x\"\n");
+    }
+    let many_path = dir.path().join("many.toml");
+    std::fs::write(&many_path, many).unwrap();
+    let out = run(&["check", many_path.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(err.matches("  × ").count(), 100, "{err}");
+    assert!(
+        err.contains("more problems not shown (the first 100 are)"),
+        "{err}"
+    );
+    let out = run(&[
+        "check",
+        "--message-format",
+        "json",
+        many_path.to_str().unwrap(),
+    ]);
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(lines.len(), 101);
+    let last: serde_json::Value = serde_json::from_str(lines[100]).unwrap();
+    assert!(last["omitted"]["errors"].as_u64().unwrap() > 1000, "{last}");
+}

@@ -566,3 +566,20 @@ fn unchanged_files_do_not_stop_a_nic_edit_and_changed_ones_are_checked() {
     assert_eq!(o.verdict, Verdict::Invalid);
     assert!(o.lines.join("\n").contains("other.img does not exist"));
 }
+
+/// An edit over the size limit (from the watcher or `vmm apply`) is refused with the same
+/// diagnostic `vmm check` gives, and changes nothing.
+#[test]
+fn an_oversized_edit_is_refused_like_vmm_check_refuses_it() {
+    let mut s = Setup::new(BASE);
+    let mut big = format!("{BASE}{}", nic("eth1", "tap1"));
+    while big.len() <= vmm::spec::MAX_FILE_SIZE {
+        big.push_str("# padding padding padding padding padding padding padding\n");
+    }
+    let o = s.edit(&big);
+    assert_eq!(o.verdict, Verdict::Invalid);
+    let text = o.lines.join("\n");
+    assert!(text.contains("larger than 256 KiB"), "{text}");
+    assert_eq!(o.diagnostics[0]["code"], "vmm::too-large");
+    assert!(s.fake.take().is_empty());
+}

@@ -39,8 +39,9 @@ pub enum Request {
     Stop,
 }
 
-/// The largest request accepted (a machine file is a few KiB).
-const MAX_REQUEST: u64 = 4 << 20;
+/// The largest request accepted: a machine file of the largest size vmm reads, every byte
+/// escaped in JSON (`\u0000`), and room for the rest.
+const MAX_REQUEST: u64 = 6 * crate::spec::MAX_FILE_SIZE as u64 + (64 << 10);
 /// How long a client may take to send its request, and the VM to answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -105,9 +105,9 @@ const WRITE_HOLD: Duration = Duration::from_secs(1);
 /// or moved away.
 const REWATCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Files larger than this are reported as unreadable rather than read into
-/// memory.
-const MAX_FILE_SIZE: u64 = 64 << 20;
+/// At most this much of a file is read (one byte more, so the check can say it
+/// is too large: see [`crate::spec::MAX_FILE_SIZE`]).
+const MAX_FILE_SIZE: u64 = crate::spec::MAX_FILE_SIZE as u64;
 
 /// At most this many `read`s of the inotify fd in one go, so that a flood of
 /// events cannot keep the thread from noticing a stop request.
@@ -793,8 +793,8 @@ impl<F: FnMut(WatchEvent)> State<F> {
             return Outcome::Missing;
         };
         match read_all(&held.file) {
-            Ok(Some(bytes)) => Outcome::Content(bytes),
-            Ok(None) => fail("read", &format_args!("larger than {MAX_FILE_SIZE} bytes")),
+            // A file over the limit is reported by the check of its first bytes.
+            Ok(bytes) => Outcome::Content(bytes),
             Err(e) => fail("read", &e),
         }
     }
@@ -854,18 +854,16 @@ fn open_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Reads `file` from offset 0 to its end with `pread`; `None` if it is larger
+/// Reads `file` from offset 0 to its end with `pread`, at most one byte more
 /// than [`MAX_FILE_SIZE`].
-fn read_all(file: &File) -> io::Result<Option<Vec<u8>>> {
+fn read_all(file: &File) -> io::Result<Vec<u8>> {
+    let cap = MAX_FILE_SIZE as usize + 1;
     let hint = file.metadata().map_or(0, |m| m.len()).min(MAX_FILE_SIZE);
     let mut bytes = vec![0; usize::try_from(hint).unwrap_or(0) + 1];
     let mut len = 0;
-    loop {
+    while len < cap {
         if len == bytes.len() {
-            if len as u64 > MAX_FILE_SIZE {
-                return Ok(None);
-            }
-            bytes.resize((len * 2).max(4096), 0);
+            bytes.resize((len * 2).clamp(4096, cap), 0);
         }
         match file.read_at(&mut bytes[len..], len as u64) {
             Ok(0) => break,
@@ -874,11 +872,8 @@ fn read_all(file: &File) -> io::Result<Option<Vec<u8>>> {
             Err(e) => return Err(e),
         }
     }
-    if len as u64 > MAX_FILE_SIZE {
-        return Ok(None);
-    }
     bytes.truncate(len);
-    Ok(Some(bytes))
+    Ok(bytes)
 }
 
 fn add_watch(inotify: &OwnedFd, dir: &CString) -> io::Result<i32> {

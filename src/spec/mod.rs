@@ -129,10 +129,34 @@ impl Loaded {
     }
 }
 
+/// The largest machine file vmm reads: 256 KiB (real ones are a few KiB; the 1,000-device
+/// benchmark file, far more than bus 0 holds, is ~100 KiB). `vmm check`, `up`, `plan`,
+/// `apply`, the watcher and the control socket read no more, which bounds what any input can
+/// cost (docs/performance.md: peak RSS and time of the worst inputs found).
+pub const MAX_FILE_SIZE: usize = 256 << 10;
+
+/// Reads a machine file: a regular file only (never blocking on a FIFO or a device), at most
+/// one byte more than [`MAX_FILE_SIZE`] (the check then says it is too large).
+pub fn read_machine_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let opened =
+        crate::hostfile::open_input(path, crate::hostfile::Use::Read).map_err(|e| match e {
+            crate::hostfile::OpenError::Io(e) => e,
+            crate::hostfile::OpenError::Missing => std::io::ErrorKind::NotFound.into(),
+            other => std::io::Error::other(other.to_string()),
+        })?;
+    let mut bytes = Vec::with_capacity((opened.len as usize).min(MAX_FILE_SIZE + 1));
+    opened
+        .file
+        .take(MAX_FILE_SIZE as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads and type-checks a machine file. A file that cannot be read gives a report without
 /// spans.
 pub fn load_file(path: &Path) -> Result<Loaded, Report> {
-    match std::fs::read(path) {
+    match read_machine_file(path) {
         Ok(bytes) => load_bytes(path, bytes),
         Err(e) => {
             let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -151,8 +175,27 @@ pub fn load_file(path: &Path) -> Result<Loaded, Report> {
 
 /// Type-checks the bytes of the machine file at `path` (read by the caller: a watcher that
 /// already holds them must not read the file twice).
-pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Result<Loaded, Report> {
+pub fn load_bytes(path: &Path, mut bytes: Vec<u8>) -> Result<Loaded, Report> {
     let name = path.display().to_string();
+    if bytes.len() > MAX_FILE_SIZE {
+        // Not parsed at all: the start of the file is shown as the place.
+        bytes.truncate(MAX_FILE_SIZE);
+        let cut = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).into_owned();
+        let mut first_line = cut.find('\n').unwrap_or(cut.len()).min(200);
+        while !cut.is_char_boundary(first_line) {
+            first_line -= 1;
+        }
+        let d = Diag::error(
+            "vmm::too-large",
+            format!(
+                "The machine file is larger than {} KiB, the most vmm reads",
+                MAX_FILE_SIZE >> 10
+            ),
+        )
+        .label(0..first_line, "the file starts here")
+        .help("machine files are a few KiB; is this the right file?");
+        return Err(Report::new(&name, cut, vec![d]));
+    }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
