@@ -121,8 +121,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::devices::virtio::{
-    ActivateError, Activation, STOP_TOKEN, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
-    VirtioDevice, Worker, WorkerHandle, drain, read_config_bytes, serve_queue,
+    ActivateError, Activation, BUDGET, STOP_TOKEN, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    VirtioDevice, Worker, WorkerHandle, WorkerSlot, drain, read_config_bytes, serve_queue,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -161,6 +161,11 @@ pub struct Disk {
     pub size: u64,
     pub readonly: bool,
     pub id: [u8; VIRTIO_BLK_ID_BYTES],
+    /// A flush failed since the last device reset: every FLUSH fails until the next one.
+    /// After a failed fdatasync the kernel may have dropped the dirty pages it could not
+    /// write, and a later fdatasync succeeds without them ("fsyncgate"); a guest told "flushed"
+    /// then would believe data durable that is gone.
+    flush_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Disk {
@@ -194,11 +199,31 @@ impl Disk {
             size: len / SECTOR_SIZE * SECTOR_SIZE,
             readonly,
             id: idb,
+            flush_failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn sectors(&self) -> u64 {
         self.size / SECTOR_SIZE
+    }
+
+    /// The device was reset: the driver starts over, and FLUSH asks the disk again.
+    pub fn reset(&self) {
+        self.flush_failed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// fdatasync, latched: once it failed, it fails until [`Disk::reset`].
+    pub fn flush(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.flush_failed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "an earlier flush failed; data written before it may be lost",
+            ));
+        }
+        self.file.sync_data().inspect_err(|_| {
+            self.flush_failed.store(true, Ordering::SeqCst);
+        })
     }
 }
 
@@ -398,7 +423,7 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
             if disk.readonly {
                 return (VIRTIO_BLK_S_OK, 0);
             }
-            match disk.file.sync_data() {
+            match disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     log::warn!("virtio-blk flush: {e}");
@@ -483,12 +508,14 @@ fn zero_fill(disk: &Disk, mut off: u64, mut len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Serves every available request of `queue`; returns whether any was completed (the caller
-/// notifies). A request the guest malformed gets an error status, or length 0 when it has no
-/// room for one; nothing here trusts the guest.
-pub fn process<M: GuestMemory>(queue: &mut Queue, mem: &M, disk: &Disk) -> bool {
-    let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+/// Serves at most `budget` available requests of `queue`; returns how many were completed
+/// (the caller notifies). A request the guest malformed gets an error status, or length 0 when
+/// it has no room for one; nothing here trusts the guest.
+pub fn process<M: GuestMemory>(queue: &mut Queue, mem: &M, disk: &Disk, budget: usize) -> usize {
+    let mut used = 0;
+    while used < budget
+        && let Some(chain) = queue.pop_descriptor_chain(mem)
+    {
         let head = chain.head_index();
         let descs: Vec<(GuestAddress, u32, bool)> = chain
             .map(|d| (d.addr(), d.len(), d.is_write_only()))
@@ -508,7 +535,7 @@ pub fn process<M: GuestMemory>(queue: &mut Queue, mem: &M, disk: &Disk) -> bool 
         if queue.add_used(mem, head, len).is_err() {
             break;
         }
-        used = true;
+        used += 1;
     }
     used
 }
@@ -549,7 +576,7 @@ pub fn features(disk: &Disk) -> u64 {
 pub struct Block {
     disk: std::sync::Arc<Disk>,
     config: [u8; 60],
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -557,7 +584,7 @@ impl Block {
         Block {
             config: config_bytes(&disk),
             disk: std::sync::Arc::new(disk),
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 }
@@ -580,8 +607,10 @@ impl VirtioDevice for Block {
             return Err(ActivateError("the request queue is not enabled".into()));
         };
         let (mem, disk, needs_reset) = (a.mem, self.disk.clone(), a.needs_reset);
-        self.worker = Some(WorkerHandle::spawn("virtio-blk".into(), move |stop| {
-            let Ok(w) = Worker::new(stop) else { return };
+        let w = WorkerHandle::spawn("virtio-blk".into(), move |stop| {
+            let Ok(w) = Worker::new(stop.clone()) else {
+                return;
+            };
             if w.add(q.kick.as_raw_fd(), 0).is_err() {
                 return;
             }
@@ -595,20 +624,26 @@ impl VirtioDevice for Block {
                 if broken {
                     continue;
                 }
-                if !serve_queue(&mut queue, &mem, irq.as_ref(), |q| process(q, &mem, &disk)) {
+                let stopping = || stop.requested();
+                if !serve_queue(&mut queue, &mem, irq.as_ref(), &stopping, |q| {
+                    process(q, &mem, &disk, BUDGET) > 0
+                }) {
                     needs_reset.needs_reset(
                         "the driver broke the request queue (available index or head out of range)",
                     );
                     broken = true;
                 }
             }
-        })?);
+        })?;
+        self.worker.start(w);
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.reset();
+        self.disk.reset();
+    }
+    fn quiesced(&mut self) -> bool {
+        self.worker.quiesced()
     }
 }
 
@@ -643,7 +678,7 @@ mod tests {
         let vq = MockSplitQueue::new(m, 16);
         vq.build_desc_chain(descs).unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        assert!(process(&mut q, m, d));
+        assert!(process(&mut q, m, d, 256) > 0);
         let used = vq.used().ring().ref_at(0).unwrap().load();
         (m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), used.len())
     }
@@ -821,7 +856,7 @@ mod tests {
         vq.add_desc_chains(&[raw(HDR, 16, NEXT, 1), raw(DATA, 512, NEXT | WRITE, 0)], 0)
             .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
-        process(&mut q, &m, &d);
+        process(&mut q, &m, &d, 256);
         // The driver claims 1000 more requests than the ring holds, with garbage heads.
         vq.avail().idx().store(1001u16.to_le());
         for i in 0..16 {
@@ -832,7 +867,7 @@ mod tests {
                 .store(0xbeefu16.wrapping_add(i as u16).to_le());
         }
         let mut q: Queue = vq.create_queue().unwrap();
-        process(&mut q, &m, &d);
+        process(&mut q, &m, &d, 256);
     }
 
     #[test]

@@ -79,8 +79,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
 use crate::devices::virtio::{
-    ActivateError, Activation, STOP_TOKEN, VIRTIO_F_VERSION_1, VirtioDevice, Worker, WorkerHandle,
-    drain, notify,
+    ActivateError, Activation, BUDGET, STOP_TOKEN, VIRTIO_F_VERSION_1, VirtioDevice, Worker,
+    WorkerHandle, WorkerSlot, drain, notify,
 };
 
 /// Queue size of the request queue.
@@ -116,12 +116,17 @@ impl RateLimit {
     }
 }
 
-/// Fills the guest's buffers with random bytes; stops early when the rate limit is reached.
-/// Returns whether any buffer was used (the caller notifies). Malformed chains are returned
-/// with length 0; nothing here trusts the guest.
-pub fn fill<M: GuestMemory>(queue: &mut Queue, mem: &M, mut limit: Option<&mut RateLimit>) -> bool {
-    let mut used = false;
-    loop {
+/// Fills at most `budget` of the guest's buffers with random bytes; stops early when the rate
+/// limit is reached. Returns how many buffers were used (the caller notifies). Malformed chains
+/// are returned with length 0; nothing here trusts the guest.
+pub fn fill<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    mut limit: Option<&mut RateLimit>,
+    budget: usize,
+) -> usize {
+    let mut used = 0;
+    while used < budget {
         if let Some(l) = limit.as_deref_mut() {
             l.refill();
             if l.tokens == 0 {
@@ -157,19 +162,23 @@ pub fn fill<M: GuestMemory>(queue: &mut Queue, mem: &M, mut limit: Option<&mut R
         if queue.add_used(mem, head, written).is_err() {
             return used;
         }
-        used = true;
+        used += 1;
     }
+    used
 }
 
 /// The virtio-rng device.
 pub struct Rng {
     rate: Option<u64>,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
     pub fn new(rate: Option<u64>) -> Rng {
-        Rng { rate, worker: None }
+        Rng {
+            rate,
+            worker: WorkerSlot::default(),
+        }
     }
 }
 
@@ -192,7 +201,7 @@ impl VirtioDevice for Rng {
         };
         let mem = a.mem;
         let mut limit = self.rate.map(RateLimit::new);
-        self.worker = Some(WorkerHandle::spawn("virtio-rng".into(), move |stop| {
+        let worker = WorkerHandle::spawn("virtio-rng".into(), move |stop| {
             let Ok(w) = Worker::new(stop) else { return };
             if w.add(std::os::fd::AsRawFd::as_raw_fd(&q.kick), 0).is_err() {
                 return;
@@ -210,18 +219,26 @@ impl VirtioDevice for Rng {
                     return;
                 }
                 drain(&kick);
-                if fill(&mut queue, &mem, limit.as_mut()) {
-                    notify(&mut queue, &mem, irq.as_ref());
+                loop {
+                    let n = fill(&mut queue, &mem, limit.as_mut(), BUDGET);
+                    if n > 0 {
+                        notify(&mut queue, &mem, irq.as_ref());
+                    }
+                    if n < BUDGET || w.stop.requested() {
+                        break;
+                    }
                 }
                 // Rate-limited with requests left: come back when tokens are due.
                 waiting = limit.as_ref().is_some_and(|l| l.tokens == 0);
             }
-        })?);
+        })?;
+        self.worker.start(worker);
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.reset();
+    }
+    fn quiesced(&mut self) -> bool {
+        self.worker.quiesced()
     }
 }

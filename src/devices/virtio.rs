@@ -7,6 +7,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -72,10 +73,18 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts processing; called once per DRIVER_OK.
+    /// Starts processing; called once per DRIVER_OK, only when [`VirtioDevice::quiesced`].
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError>;
-    /// Stops processing and forgets the queues (driver reset). Must not block for long.
+    /// Stops processing and forgets the queues (driver reset). Never waits: it runs on a vCPU
+    /// thread holding the bus lock. Workers are asked to stop and finish on their own
+    /// ([`WorkerSlot`]); the transport reports the reset done once [`quiesced`] says so.
+    ///
+    /// [`quiesced`]: VirtioDevice::quiesced
     fn reset(&mut self);
+    /// Whether nothing started before the last reset still runs (never waits).
+    fn quiesced(&mut self) -> bool {
+        true
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a config structure given as bytes; out of range
@@ -91,22 +100,50 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// How a worker is asked to stop: a flag it checks between batches of requests, and an
+/// eventfd that wakes it when it waits.
+pub struct Stop {
+    flag: AtomicBool,
+    evt: EventFd,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Stop> {
+        Ok(Stop {
+            flag: AtomicBool::new(false),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+    /// Whether the worker should stop now (checked between requests).
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+    pub fn request(&self) {
+        self.flag.store(true, Ordering::Release);
+        let _ = self.evt.write(1);
+    }
+}
+
+/// Requests one worker serves before it looks at its stop flag again: a guest keeping its
+/// ring full cannot hold a reset or an unplug for longer than one batch.
+pub const BUDGET: usize = 32;
+
 /// The event loop of a device worker: a stop eventfd plus the fds the device waits on.
 pub struct Worker {
     epoll: Epoll,
-    pub stop: Arc<EventFd>,
+    pub stop: Arc<Stop>,
 }
 
 /// Token of the stop event in [`Worker::wait`].
 pub const STOP_TOKEN: u64 = u64::MAX;
 
 impl Worker {
-    pub fn new(stop: Arc<EventFd>) -> std::io::Result<Worker> {
+    pub fn new(stop: Arc<Stop>) -> std::io::Result<Worker> {
         let w = Worker {
             epoll: Epoll::new()?,
             stop,
         };
-        w.add(w.stop.as_raw_fd(), STOP_TOKEN)?;
+        w.add(w.stop.evt.as_raw_fd(), STOP_TOKEN)?;
         Ok(w)
     }
 
@@ -126,6 +163,9 @@ impl Worker {
 
     /// Waits for events; returns their tokens (STOP_TOKEN when asked to stop).
     pub fn wait(&self, timeout_ms: i32) -> Vec<u64> {
+        if self.stop.requested() {
+            return vec![STOP_TOKEN];
+        }
         let mut events = vec![EpollEvent::default(); 16];
         match self.epoll.wait(timeout_ms, &mut events) {
             Ok(n) => events[..n].iter().map(|e| e.data()).collect(),
@@ -138,21 +178,23 @@ impl Worker {
     }
 }
 
+/// How long dropping a worker waits for it to finish before leaving it (it then ends with the
+/// process; everything it uses it holds references to).
+const JOIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A started worker thread and its stop signal.
 pub struct WorkerHandle {
-    pub stop: Arc<EventFd>,
+    pub stop: Arc<Stop>,
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerHandle {
-    /// Spawns `body` with a fresh stop eventfd.
+    /// Spawns `body` with a fresh stop signal.
     pub fn spawn(
         name: String,
-        body: impl FnOnce(Arc<EventFd>) + Send + 'static,
+        body: impl FnOnce(Arc<Stop>) + Send + 'static,
     ) -> Result<WorkerHandle, ActivateError> {
-        let stop = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ActivateError(format!("eventfd: {e}")))?,
-        );
+        let stop = Arc::new(Stop::new().map_err(|e| ActivateError(format!("eventfd: {e}")))?);
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name(name)
@@ -164,11 +206,36 @@ impl WorkerHandle {
         })
     }
 
-    /// Asks the thread to stop and waits for it.
+    /// Asks the thread to stop; does not wait.
+    pub fn signal(&self) {
+        self.stop.request();
+    }
+
+    /// Whether the thread has ended (then joining it does not wait).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Asks the thread to stop and waits for it, at most [`JOIN_LIMIT`]; a thread still
+    /// running then is left to end on its own (and said so). Never called holding a bus lock.
     pub fn stop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
+        self.signal();
+        let Some(t) = self.thread.take() else { return };
+        debug_assert!(
+            t.is_finished() || !crate::sync::holds(crate::sync::Rank::Bus),
+            "waiting for a device worker while holding a bus lock"
+        );
+        let until = std::time::Instant::now() + JOIN_LIMIT;
+        while !t.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if t.is_finished() {
             let _ = t.join();
+        } else {
+            log::warn!(
+                "device worker {} did not stop within {JOIN_LIMIT:?}; left to end on its own",
+                t.thread().name().unwrap_or("?")
+            );
         }
     }
 }
@@ -176,6 +243,50 @@ impl WorkerHandle {
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A device's worker across resets: the running one, and those asked to stop that are still
+/// finishing their batch. [`VirtioDevice::reset`] moves the running worker to the stopping ones
+/// without waiting; [`VirtioDevice::quiesced`] says when they are all gone.
+#[derive(Default)]
+pub struct WorkerSlot {
+    running: Option<WorkerHandle>,
+    stopping: Vec<WorkerHandle>,
+}
+
+impl WorkerSlot {
+    /// Runs `w` in the slot. A worker still there (a transport that did not wait for
+    /// [`WorkerSlot::quiesced`]) is stopped first, so two workers never serve one ring.
+    pub fn start(&mut self, w: WorkerHandle) {
+        self.stop_all();
+        self.running = Some(w);
+    }
+
+    /// Asks the running worker to stop; does not wait.
+    pub fn reset(&mut self) {
+        if let Some(w) = self.running.take() {
+            w.signal();
+            self.stopping.push(w);
+        }
+    }
+
+    /// Whether every worker asked to stop has ended (those are then joined, without waiting).
+    pub fn quiesced(&mut self) -> bool {
+        self.stopping.retain(|w| !w.finished());
+        self.stopping.is_empty()
+    }
+
+    /// Stops every worker and waits for them (device teardown, never under a bus lock).
+    pub fn stop_all(&mut self) {
+        self.reset();
+        for mut w in self.stopping.drain(..) {
+            w.stop();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
     }
 }
 
@@ -193,17 +304,23 @@ pub fn ring_broken<M: vm_memory::GuestMemory>(queue: &Queue, mem: &M) -> bool {
     }
 }
 
-/// Serves a queue until it is drained: `serve` handles what is available and says whether it
-/// used anything; notifications are re-enabled and re-checked (EVENT_IDX) so no request is
-/// missed. Returns false when the ring is broken (see [`ring_broken`]) or requests are announced
-/// that cannot be taken; the caller then stops serving the queue and asks for a reset.
+/// Serves a queue until it is drained or `stop` says so: `serve` handles at most a batch
+/// ([`BUDGET`]) of what is available and says whether it used anything; notifications are
+/// re-enabled and re-checked (EVENT_IDX) so no request is missed. Returns false when the ring
+/// is broken (see [`ring_broken`]) or requests are announced that cannot be taken; the caller
+/// then stops serving the queue and asks for a reset. After a stop, requests may be left: the
+/// next activation serves them.
 pub fn serve_queue<M: vm_memory::GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     irq: &dyn Irq,
+    stop: &dyn Fn() -> bool,
     mut serve: impl FnMut(&mut Queue) -> bool,
 ) -> bool {
     loop {
+        if stop() {
+            return true;
+        }
         let _ = queue.disable_notification(mem);
         let used = serve(queue);
         if used {

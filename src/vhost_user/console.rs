@@ -19,7 +19,7 @@ use crate::devices::console::{
     ConsoleInput, DEFAULT_SIZE, INPUT_LIMIT, RX_QUEUE, TX_QUEUE, VIRTIO_CONSOLE_F_SIZE,
     config_bytes, receive, terminal_size, transmit,
 };
-use crate::devices::virtio::{VIRTIO_F_VERSION_1, ring_broken};
+use crate::devices::virtio::{BUDGET, VIRTIO_F_VERSION_1, ring_broken};
 
 /// Event number of the input FIFO's eventfd (above the two queues and the exit event).
 const INPUT_EVENT: u16 = 3;
@@ -98,7 +98,7 @@ impl Served for ConsoleModel {
                 let mut out = self.out.lock();
                 loop {
                     let _ = v.disable_notification();
-                    if transmit(v.get_queue_mut(), cx.mem, &mut *out) {
+                    if transmit(v.get_queue_mut(), cx.mem, &mut *out, BUDGET) > 0 {
                         signal(&mut v)?;
                     }
                     if ring_broken(v.get_queue(), cx.mem) {

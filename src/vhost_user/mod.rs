@@ -21,6 +21,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::devices::virtio::BUDGET;
 use crate::sync::{Mutex, Rank};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -132,29 +133,39 @@ pub trait Served: Send + Sync {
     fn reset(&self) {}
 }
 
-/// Serves one queue with a request function the in-VMM device shares: `process` handles what
-/// is available and says whether it used anything. With EVENT_IDX the loop of the in-VMM
-/// workers runs (no request missed); a broken ring is left alone until a reset.
+/// Serves one queue with a request function the in-VMM device shares: `process` handles a
+/// batch (at most [`BUDGET`]) of what is available and says how many it used. With EVENT_IDX
+/// the loop of the in-VMM workers runs (no request missed); a broken ring is left alone until
+/// a reset.
 fn serve_simple(
     vring: &Vring,
     mem: &GuestMem,
     event_idx: bool,
     queue: u16,
-    mut process: impl FnMut(&mut virtio_queue::Queue) -> bool,
+    mut process: impl FnMut(&mut virtio_queue::Queue) -> usize,
 ) -> std::io::Result<()> {
     let mut state = vring.get_mut();
     if !event_idx {
-        if process(state.get_queue_mut()) {
+        let mut used_any = false;
+        loop {
+            let n = process(state.get_queue_mut());
+            used_any |= n > 0;
+            if n < BUDGET {
+                break;
+            }
+        }
+        if used_any {
             state.signal_used_queue()?;
         }
         return Ok(());
     }
     let mut used_any = false;
-    let ok = crate::devices::virtio::serve_queue(state.get_queue_mut(), mem, &NoIrq, |q| {
-        let u = process(q);
-        used_any |= u;
-        u
-    });
+    let ok =
+        crate::devices::virtio::serve_queue(state.get_queue_mut(), mem, &NoIrq, &|| false, |q| {
+            let u = process(q) > 0;
+            used_any |= u;
+            u
+        });
     if used_any {
         state.signal_used_queue()?;
     }
@@ -202,10 +213,14 @@ impl Served for BlockModel {
     fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()> {
         match cx.vrings.get(usize::from(event)) {
             Some(v) => serve_simple(v, cx.mem, cx.event_idx, event, |q| {
-                block::process(q, cx.mem, &self.disk)
+                block::process(q, cx.mem, &self.disk, BUDGET)
             }),
             None => Ok(()),
         }
+    }
+    fn reset(&self) {
+        // A flush that failed fails every later one only until the driver starts over.
+        self.disk.reset();
     }
 }
 
@@ -238,7 +253,7 @@ impl Served for RngModel {
         };
         let mut l = self.limit.lock();
         serve_simple(v, cx.mem, cx.event_idx, event, |q| {
-            rng::fill(q, cx.mem, l.as_mut())
+            rng::fill(q, cx.mem, l.as_mut(), BUDGET)
         })
     }
 }

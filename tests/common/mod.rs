@@ -84,5 +84,6 @@ pub fn guest_artifacts() -> PathBuf {
     dir
 }
 pub mod qemu;
+pub mod qsd;
 pub mod tap;
 pub mod vm;

@@ -143,7 +143,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use crate::devices::DeviceError;
 use crate::devices::virtio::{
     ActivateError, Activation, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1, VirtioDevice, WorkerHandle, read_config_bytes,
+    VIRTIO_F_VERSION_1, VirtioDevice, WorkerSlot, read_config_bytes,
 };
 
 // Feature bits (virtio 1.2 section 5.1.3).
@@ -251,7 +251,7 @@ pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     state: Arc<NetState>,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Net {
@@ -265,7 +265,7 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             state: NetState::new(),
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -300,9 +300,6 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config(), offset, data);
     }
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
         let offloads = RxOffloads::from_features(a.features);
         // Fewer receive offloads are always safe: the TAP then hands over plain frames.
         if !self.state.faulted()
@@ -311,13 +308,15 @@ impl VirtioDevice for Net {
             log::warn!("TAP {}: cannot set offloads: {e}", self.tap.name());
         }
         let name = self.tap.name().to_string();
-        self.worker = Some(spawn_worker(self.tap.clone(), name, a, self.state.clone())?);
+        let w = spawn_worker(self.tap.clone(), name, a, self.state.clone())?;
+        self.worker.start(w);
         Ok(())
     }
+    fn quiesced(&mut self) -> bool {
+        self.worker.quiesced()
+    }
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.reset();
         // The TAP stays open for the next driver; no offloaded frames until it negotiates.
         if !self.state.faulted() {
             let _ = self.tap.set_offload(0);
@@ -328,9 +327,7 @@ impl VirtioDevice for Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // Stop the worker before the TAP closes (the worker holds the last other reference).
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop_all();
     }
 }
 
