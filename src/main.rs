@@ -561,6 +561,9 @@ fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> Exi
         if let Some(e) = d["error"].as_str() {
             st = format!("{st}: {e}");
         }
+        if let Some(n) = d["output_dropped"].as_u64().filter(|&n| n > 0) {
+            st = format!("{st}, {n} bytes of output dropped (its reader did not keep up)");
+        }
         println!(
             "  {:<8} {:<14} {:<16} {st}",
             s(&d["kind"]),

@@ -62,6 +62,7 @@ use std::io::{self, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::sync::Mutex;
 
@@ -96,27 +97,243 @@ pub enum CharIoError {
     },
 }
 
-/// The connected client of a socket backend, if any.
+/// The connected client of a socket backend, if any, and the output it missed.
 #[derive(Default)]
-pub struct SocketPeer(Mutex<Option<UnixStream>>);
+pub struct SocketPeer(Mutex<Option<UnixStream>>, Arc<AtomicU64>);
 
-/// Where a character device's output goes. Writes never stall the guest for long: a socket
-/// client that does not keep up loses output instead.
+/// Where a character device's output goes. Writes never stall the guest: a terminal or pipe
+/// on stdout that does not keep up gets its output through a bounded buffer ([`Stdout`]), a
+/// socket client that does not keep up loses output; both count what they lost.
 pub enum CharOut {
-    Stdout,
+    Stdout(Arc<Stdout>),
     Sink,
     File(std::fs::File),
     Socket(Arc<SocketPeer>),
 }
 
+impl CharOut {
+    /// Bytes of output this end has dropped so far (none for files and the sink).
+    pub fn dropped(&self) -> Option<Arc<AtomicU64>> {
+        match self {
+            CharOut::Stdout(s) => Some(s.dropped.clone()),
+            CharOut::Socket(p) => Some(p.1.clone()),
+            CharOut::Sink | CharOut::File(_) => None,
+        }
+    }
+}
+
+/// Most bytes of guest output waiting for a slow stdout; more are dropped (and counted).
+pub const STDOUT_BUFFER: usize = 256 << 10;
+
+/// How output reaches fd 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutMode {
+    /// A regular file (or `vmm device`): plain writes, which do not wait for a reader.
+    Direct,
+    /// A terminal or pipe, through a non-blocking file description of its own.
+    NonBlocking,
+    /// A socket: send(2) with MSG_DONTWAIT.
+    Socket,
+}
+
+/// vmm's standard output as the guest's console writes to it: never blocking the writer (a
+/// vCPU or a device worker). What the terminal or pipe does not take at once waits in a
+/// buffer of [`STDOUT_BUFFER`] bytes, which the VM's main loop writes out when fd 1 is
+/// writable; what does not fit is dropped and counted (`vmm status`).
+pub struct Stdout {
+    fd: std::os::fd::OwnedFd,
+    mode: OutMode,
+    pending: Mutex<std::collections::VecDeque<u8>>,
+    dropped: Arc<AtomicU64>,
+    /// Readable when output starts waiting (the main loop then polls fd 1 for writability).
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+static STDOUT: std::sync::OnceLock<Arc<Stdout>> = std::sync::OnceLock::new();
+static STDOUT_BLOCKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`stdout`] write directly (before its first use): for `vmm device`, where no vCPU
+/// waits on the writer and no main loop would drain a buffer.
+pub fn use_blocking_stdout() {
+    STDOUT_BLOCKING.store(true, Ordering::SeqCst);
+}
+
+/// The process's [`Stdout`], set up on first use.
+pub fn stdout() -> io::Result<Arc<Stdout>> {
+    if let Some(s) = STDOUT.get() {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(Stdout::open()?);
+    Ok(STDOUT.get_or_init(|| s).clone())
+}
+
+/// The process's [`Stdout`] if a device writes to it.
+pub fn stdout_in_use() -> Option<Arc<Stdout>> {
+    STDOUT.get().cloned()
+}
+
+impl Stdout {
+    fn open() -> io::Result<Stdout> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        // SAFETY: dup of fd 1 gives a descriptor we own.
+        let dup = || -> io::Result<OwnedFd> {
+            let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a new descriptor nobody else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let meta = std::fs::metadata("/proc/self/fd/1")?;
+        let ft = meta.file_type();
+        let (fd, mode) = if STDOUT_BLOCKING.load(Ordering::SeqCst) || ft.is_file() {
+            (dup()?, OutMode::Direct)
+        } else if ft.is_socket() {
+            (dup()?, OutMode::Socket)
+        } else {
+            // A file description of our own, so O_NONBLOCK does not change the terminal or pipe
+            // for the shell that shares it.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+                .open("/proc/self/fd/1")
+            {
+                Ok(f) => (OwnedFd::from(f), OutMode::NonBlocking),
+                Err(e) => {
+                    log::warn!(
+                        "stdout cannot be reopened non-blocking ({e}); output may stall the guest"
+                    );
+                    (dup()?, OutMode::Direct)
+                }
+            }
+        };
+        Ok(Stdout {
+            fd,
+            mode,
+            pending: Mutex::new(crate::sync::Rank::Leaf, Default::default()),
+            dropped: Arc::new(AtomicU64::new(0)),
+            wake: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// One write that does not block; returns how much was taken (everything when fd 1 is
+    /// gone: output to a closed pipe is lost, not an error for the guest).
+    fn write_now(&self, buf: &[u8]) -> usize {
+        use std::os::fd::AsRawFd;
+        if buf.is_empty() {
+            return 0;
+        }
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: write(2)/send(2) from a buffer of its length to a descriptor we own.
+        let n = unsafe {
+            match self.mode {
+                OutMode::Socket => libc::send(
+                    fd,
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                ),
+                _ => libc::write(fd, buf.as_ptr().cast(), buf.len()),
+            }
+        };
+        if n >= 0 {
+            return n as usize;
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => 0,
+            _ => buf.len(),
+        }
+    }
+
+    /// Takes `buf` without waiting: writes what fd 1 takes now, buffers the rest as far as
+    /// there is room, drops (and counts) what is left.
+    pub fn write(&self, mut buf: &[u8]) {
+        if self.mode == OutMode::Direct {
+            while !buf.is_empty() {
+                let n = self.write_now(buf);
+                if n == 0 {
+                    std::thread::yield_now();
+                }
+                buf = &buf[n..];
+            }
+            return;
+        }
+        let mut p = self.pending.lock();
+        let was_empty = p.is_empty();
+        if was_empty {
+            let n = self.write_now(buf);
+            buf = &buf[n..];
+        }
+        let take = buf.len().min(STDOUT_BUFFER - p.len());
+        p.extend(&buf[..take]);
+        if take < buf.len() {
+            self.dropped
+                .fetch_add((buf.len() - take) as u64, Ordering::Relaxed);
+        }
+        if was_empty && !p.is_empty() {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Writes out what waits, as far as fd 1 takes it now; true if some still waits.
+    pub fn flush_some(&self) -> bool {
+        let _ = self.wake.read();
+        let mut p = self.pending.lock();
+        while !p.is_empty() {
+            let (a, _) = p.as_slices();
+            let n = self.write_now(a);
+            if n == 0 {
+                return true;
+            }
+            p.drain(..n);
+        }
+        false
+    }
+
+    /// Whether output waits for fd 1.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.lock().is_empty()
+    }
+
+    /// Bytes dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// fd 1 as written to (for polling writability).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    /// Readable when output starts waiting.
+    pub fn wake(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.wake)
+    }
+
+    /// At exit: writes out what waits for at most `limit`, then gives up on the rest.
+    pub fn finish(&self, limit: std::time::Duration) {
+        let until = std::time::Instant::now() + limit;
+        while self.flush_some() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on our stack.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        }
+    }
+}
+
 impl Write for CharOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            CharOut::Stdout => {
-                let mut out = io::stdout().lock();
-                out.write_all(buf)?;
-                out.flush()?;
-            }
+            CharOut::Stdout(s) => s.write(buf),
             CharOut::Sink => {}
             CharOut::File(f) => f.write_all(buf)?,
             CharOut::Socket(peer) => {
@@ -135,9 +352,14 @@ impl Write for CharOut {
                     };
                     if n < 0 {
                         let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::WouldBlock {
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            peer.1.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                        } else {
                             *p = None; // client gone
                         }
+                    } else if (n as usize) < buf.len() {
+                        peer.1
+                            .fetch_add((buf.len() - n as usize) as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -167,7 +389,13 @@ pub fn open(
     input: Arc<dyn CharInput>,
 ) -> Result<(CharOut, Option<SocketGuard>), CharIoError> {
     match io {
-        CharIo::Stdio => Ok((CharOut::Stdout, None)),
+        CharIo::Stdio => {
+            let s = stdout().map_err(|source| CharIoError::File {
+                path: "stdout".into(),
+                source,
+            })?;
+            Ok((CharOut::Stdout(s), None))
+        }
         CharIo::None => Ok((CharOut::Sink, None)),
         CharIo::File(p) => {
             let path = p.resolve(base);

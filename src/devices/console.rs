@@ -65,7 +65,7 @@ impl DeviceSpec for ConsoleSpec {
         let input = Arc::new(ConsoleInput::new(INPUT_LIMIT).map_err(|e| {
             crate::devices::DeviceError(format!("console `{}`: eventfd: {e}", self.name))
         })?);
-        let out = m.open_char(&self.io, input.clone())?;
+        let out = m.open_char(self.name.as_str(), &self.io, input.clone())?;
         let dev = Console::new(out, input, matches!(self.io, CharIo::Stdio));
         crate::devices::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
     }

@@ -171,9 +171,11 @@ pub trait Machine {
         bar: (u64, u64),
         bar_device: bus::SharedDevice,
     ) -> Result<(), DeviceError>;
-    /// Opens the host end of a character device; its input (terminal, socket) goes to `input`.
+    /// Opens the host end of the character device `name`; its input (terminal, socket) goes to
+    /// `input`.
     fn open_char(
         &mut self,
+        name: &str,
         io: &char_io::CharIo,
         input: std::sync::Arc<dyn char_io::CharInput>,
     ) -> Result<char_io::CharOut, DeviceError>;

@@ -180,7 +180,7 @@ impl Worker {
 
 /// How long dropping a worker waits for it to finish before leaving it (it then ends with the
 /// process; everything it uses it holds references to).
-const JOIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+const JOIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A started worker thread and its stop signal.
 pub struct WorkerHandle {

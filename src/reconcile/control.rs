@@ -161,13 +161,13 @@ impl Drop for Server {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
-        // Requests in flight get their answers (bounded by the answer and write timeouts);
-        // clients that have sent nothing are not waited for.
+        // Requests in flight get their answers (`vmm stop` hears "stopping"), within the time
+        // vmm promises to end in after a stop; clients that have sent nothing are not waited for.
         let n = lock(&self.clients.answering);
         let _ = self
             .clients
             .answered
-            .wait_timeout_while(n, ANSWER_TIMEOUT + CLIENT_TIMEOUT, |n| *n > 0);
+            .wait_timeout_while(n, super::SHUTDOWN_WAIT, |n| *n > 0);
     }
 }
 

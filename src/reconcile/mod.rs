@@ -43,6 +43,10 @@ pub trait Target: Send {
     fn remove(&mut self, slot: u8) -> Result<(), String>;
     /// Ends the VM.
     fn stop(&mut self, why: &str);
+    /// Bytes of output each character device dropped so far (device name, bytes).
+    fn dropped_output(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }
 
 impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
@@ -64,6 +68,9 @@ impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
     }
     fn stop(&mut self, why: &str) {
         crate::backend::kvm::LiveVm::stop(self, why)
+    }
+    fn dropped_output(&self) -> Vec<(String, u64)> {
+        crate::backend::kvm::LiveVm::dropped_output(self)
     }
 }
 
@@ -493,6 +500,7 @@ impl<T: Target> Reconciler<T> {
     /// `vmm status`: devices, hotplug slots, pending unplugs.
     pub fn status(&self) -> Value {
         let g = &self.desired.graph;
+        let dropped: BTreeMap<String, u64> = self.target.dropped_output().into_iter().collect();
         let mut devices = Vec::new();
         for (name, (node, state)) in &self.in_vm {
             let (st, secs) = match state {
@@ -508,6 +516,7 @@ impl<T: Target> Reconciler<T> {
                 "hotplug": matches!(node.placement, Placement::Pci { hotplug: true, .. }),
                 "state": st,
                 "pending_seconds": secs,
+                "output_dropped": dropped.get(name),
             }));
         }
         for (name, why) in &self.failed {
@@ -666,6 +675,10 @@ impl Live {
     }
 }
 
+/// How long ending a live machine waits for each of its parts (answers in flight, the
+/// reconciler's current event): vmm ends within 2 s of a stop whatever they do.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_millis(500);
+
 impl Drop for Live {
     fn drop(&mut self) {
         // The watcher and the socket first: nothing new arrives while the reconciler ends.
@@ -673,7 +686,16 @@ impl Drop for Live {
         self.control.take();
         let _ = self.tx.send(Event::Shutdown);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let until = Instant::now() + SHUTDOWN_WAIT;
+            while !t.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                // Busy with an edit: it holds what it uses, and ends with the process.
+                log::warn!("the reconciler is still busy; the VM ends without waiting for it");
+            }
         }
     }
 }

@@ -41,6 +41,8 @@ impl ConsoleModel {
         );
         let cwd = std::env::current_dir()
             .map_err(|e| ServeError::Device(format!("working directory: {e}")))?;
+        // No vCPU waits on this writer, and no loop here would drain a buffer.
+        char_io::use_blocking_stdout();
         let (out, guard) = char_io::open(io, &cwd, input.clone())
             .map_err(|e| ServeError::Device(e.to_string()))?;
         let size = if *io == CharIo::Stdio {

@@ -65,6 +65,8 @@ pub struct LiveVm {
     pub(super) exit: Arc<ExitState>,
     pub(super) hotplug: Option<Arc<Hotplug>>,
     pub(super) plugged: Mutex<HashMap<u8, Plugged>>,
+    /// Character devices whose output can be dropped, and the count.
+    pub(super) outputs: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
 }
 
 impl LiveVm {
@@ -155,6 +157,15 @@ impl LiveVm {
         Ok(last)
     }
 
+    /// Bytes of output each character device has dropped (a terminal, pipe or socket client
+    /// that did not keep up).
+    pub fn dropped_output(&self) -> Vec<(String, u64)> {
+        self.outputs
+            .iter()
+            .map(|(n, c)| (n.clone(), c.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Ends the VM (`vmm stop`).
     pub fn stop(&self, why: &str) {
         self.exit.finish(Outcome::Stopped(why.to_string()));
@@ -240,7 +251,12 @@ impl Machine for LiveMachine<'_> {
         self.added = Some(slot);
         Ok(())
     }
-    fn open_char(&mut self, _: &CharIo, _: Arc<dyn CharInput>) -> Result<CharOut, DeviceError> {
+    fn open_char(
+        &mut self,
+        _: &str,
+        _: &CharIo,
+        _: Arc<dyn CharInput>,
+    ) -> Result<CharOut, DeviceError> {
         Err(DeviceError(
             "character devices cannot be added while the VM runs".into(),
         ))

@@ -128,6 +128,7 @@ struct Builder<'a> {
     inputs: Vec<Arc<dyn CharInput>>,
     sockets: Vec<SocketGuard>,
     plugged: HashMap<u8, Plugged>,
+    outputs: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
 }
 
 impl Machine for Builder<'_> {
@@ -205,6 +206,7 @@ impl Machine for Builder<'_> {
 
     fn open_char(
         &mut self,
+        name: &str,
         io: &CharIo,
         input: Arc<dyn CharInput>,
     ) -> Result<CharOut, DeviceError> {
@@ -215,6 +217,9 @@ impl Machine for Builder<'_> {
         let (out, guard) =
             char_io::open(io, &self.base_dir, input).map_err(|e| DeviceError(e.to_string()))?;
         self.sockets.extend(guard);
+        if let Some(c) = out.dropped() {
+            self.outputs.push((name.to_string(), c));
+        }
         Ok(out)
     }
 }
@@ -306,6 +311,7 @@ pub fn run_with(
         inputs: Vec::new(),
         sockets: Vec::new(),
         plugged: HashMap::new(),
+        outputs: Vec::new(),
     };
     let platform: [(u64, u64, SharedDevice, &str); 2] = [
         (
@@ -378,6 +384,7 @@ pub fn run_with(
         sockets,
         plugged,
         ram,
+        outputs,
         ..
     } = b;
     if let Some(hp) = &hotplug {
@@ -396,6 +403,7 @@ pub fn run_with(
         exit: exit.clone(),
         hotplug,
         plugged: Mutex::new(Rank::Plugged, plugged),
+        outputs,
     });
 
     // vCPUs: CPU state for all, boot registers for the first. The others wait for INIT/SIPI.
@@ -457,6 +465,10 @@ pub fn run_with(
         drop(guard);
         stop_vcpus(&exit, threads);
     }
+    // The guest's last words, if stdout takes them soon.
+    if let Some(o) = char_io::stdout_in_use() {
+        o.finish(Duration::from_millis(500));
+    }
     drop(sockets);
     let outcome = exit
         .outcome()
@@ -507,6 +519,8 @@ fn wait(
     let mut pending: Vec<u8> = Vec::new();
     let mut stdin_open = stdin.is_some();
     let mut next_look = Instant::now() + char_io::UNSTICK_PERIOD;
+    // Guest output that stdout did not take at once (never written on a vCPU's time).
+    let out = char_io::stdout_in_use();
     loop {
         if exit.outcome().is_some() {
             return;
@@ -535,6 +549,20 @@ fn wait(
                 revents: 0,
             },
         ];
+        if let Some(o) = &out {
+            fds.push(libc::pollfd {
+                fd: o.wake(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // Polled only while output waits (a closed pipe would report POLLERR forever).
+            fds.push(libc::pollfd {
+                fd: if o.has_pending() { o.fd() } else { -1 },
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+        }
+        let stdin_at = fds.len();
         let poll_stdin = stdin_open && pending.is_empty();
         if poll_stdin {
             fds.push(libc::pollfd {
@@ -562,7 +590,12 @@ fn wait(
             exit.finish(Outcome::Stopped(signal_name(sig).into()));
             return;
         }
-        if poll_stdin && fds[2].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
+        if let Some(o) = &out
+            && (fds[2].revents != 0 || fds[3].revents != 0)
+        {
+            o.flush_some();
+        }
+        if poll_stdin && fds[stdin_at].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
             let mut buf = [0u8; 4096];
             // SAFETY: reading into a buffer we own, of its length.
             let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };

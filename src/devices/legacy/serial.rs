@@ -102,7 +102,7 @@ impl DeviceSpec for SerialSpec {
         };
         let irq = m.irq_line(irqs[0])?;
         let (port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
-        let out = m.open_char(&self.io, Arc::new(input))?;
+        let out = m.open_char(self.name.as_str(), &self.io, Arc::new(input))?;
         port.set_output(out);
         m.add_pio(
             ports[0].0,

@@ -20,6 +20,10 @@
  *                                   jump=0 leaves out the last case, avail-jump
  *     SURVIVED                      a normal write + read of sector 0 worked afterwards
  *                                   (BROKEN <why> otherwise)
+ *   mode=resetloop [qd=1..8]
+ *     forever: qd writes of sectors 0..qd-1 made available, the first one completed, then a
+ *     reset with the others in flight (waiting for the status to read 0) and the device
+ *     brought up again; "ROUND <n> status=<hex>" (of the first write) before each reset
  *   mode=bench ops=N op=read|write size=4096|1048576 qd=1..8 [seed=X]
  *     BENCH start                   (before the first request)
  *     BENCH done                    (a non-zero status: ERR <op number> status=<hex>)
@@ -431,6 +435,29 @@ static void bench(u64 ops, int write, u32 size, u32 qd, u64 seed)
     die("BENCH done");
 }
 
+/* ---- resets with requests in flight ------------------------------------------------------------ */
+
+/* Forever: qd writes made available, the first one completed, then a reset with the others
+ * in flight (waiting for the status to read 0, as a driver must), then the device brought
+ * up again. */
+static void __attribute__((noreturn)) resetloop(u64 qd)
+{
+    for (u64 round = 0;; round++) {
+        for (u64 s = 0; s < qd; s++)
+            publish(prep(s, T_OUT, s, bufs[s], 512, 0));
+        kick();
+        int id = next_used(TIMEOUT_IO);         /* the device is at work on the others */
+        if (id < 0)
+            die("TIMEOUT");
+        con_puts("ROUND ");
+        con_dec(round);
+        con_puts(" status=");
+        con_hex(stat[id / 3]);
+        con_putc('\n');
+        init();                                 /* resets, waits for 0, starts over */
+    }
+}
+
 /* ---- entry -------------------------------------------------------------------------------------- */
 
 void c_main(const u8 *boot_params)
@@ -438,7 +465,8 @@ void c_main(const u8 *boot_params)
     load_cmdline(boot_params);
     usage_line = "BLK usage";
     const char *mode = arg("mode");
-    if (!is(mode, "durable") && !is(mode, "verify") && !is(mode, "hostile") && !is(mode, "bench"))
+    if (!is(mode, "durable") && !is(mode, "verify") && !is(mode, "hostile") && !is(mode, "bench") &&
+        !is(mode, "resetloop"))
         die("BLK usage");
 
     map_4g();
@@ -454,6 +482,12 @@ void c_main(const u8 *boot_params)
         verify(num("start", 0), num("records", 1));
     if (is(mode, "hostile"))
         hostile(num("jump", 1));
+    if (is(mode, "resetloop")) {
+        u64 qd = num("qd", 8);
+        if (!qd || qd > MAXQD)
+            die("BLK usage");
+        resetloop(qd);
+    }
     const char *op = arg("op");
     u64 size = num("size", 4096), qd = num("qd", 1);
     if (!(is(op, "read") || is(op, "write")) || !size || size % 512 || size > MAXSIZE ||

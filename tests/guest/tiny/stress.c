@@ -13,9 +13,9 @@
  *     finds the first virtio-pci function on bus 0 and, N times, resets it and makes three
  *     writes it must refuse: an invalid queue size, FEATURES_OK without VIRTIO_F_VERSION_1,
  *     DRIVER_OK without FEATURES_OK (8 exits each). Prints FLOOD done and powers off.
- *   mode=spew bytes=N
+ *   mode=spew bytes=N [then=spin]
  *     writes N bytes to COM1 as fast as the UART takes them (lines of 64 characters), then
- *     SPEW done, and powers off.
+ *     SPEW done, and powers off (with then=spin: runs on, doing nothing).
  * Anything else prints "STRESS usage".
  */
 
@@ -69,11 +69,15 @@ static void flood(u64 count)
     die("FLOOD done");
 }
 
-static void spew(u64 bytes)
+static void spew(u64 bytes, int spin)
 {
     for (u64 i = 0; i < bytes; i++)
         con_putc(i % 64 == 63 ? '\n' : 'a' + i % 26);
-    die("\nSPEW done");
+    if (!spin)
+        die("\nSPEW done");
+    con_puts("\nSPEW done\n");
+    for (;;)
+        asm volatile("pause");
 }
 
 void c_main(const u8 *boot_params)
@@ -88,6 +92,6 @@ void c_main(const u8 *boot_params)
     if (is(mode, "flood"))
         flood(num("count", 1000));
     if (is(mode, "spew"))
-        spew(num("bytes", 1000));
+        spew(num("bytes", 1000), is(arg("then"), "spin"));
     die(usage_line);
 }
