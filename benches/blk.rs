@@ -233,11 +233,28 @@ fn anon_memory() -> GuestMemoryMmap<()> {
 
 fn shared_memory() -> (GuestMemoryMmap<()>, File) {
     // SAFETY: memfd_create with a static NUL-terminated name; the fd is checked and owned below.
-    let fd = unsafe { libc::memfd_create(c"vmm-bench".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmm-bench".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0);
     // SAFETY: a fresh fd nobody else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(MEM_SIZE as u64).unwrap();
+    // Sealed as QEMU's memory-backend-memfd is (vmm device refuses unsealed memory).
+    // SAFETY: F_ADD_SEALS on our memfd.
+    assert_eq!(
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        },
+        0
+    );
     let mem = GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         MEM_SIZE,

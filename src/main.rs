@@ -86,6 +86,10 @@ enum Command {
     Device {
         #[command(subcommand)]
         kind: DeviceCmd,
+        /// Accept guest memory the front end has not sealed against shrinking (a front end
+        /// that truncates it then crashes this backend; QEMU's memory-backend-memfd seals).
+        #[arg(long, global = true)]
+        allow_unsealed_memory: bool,
     },
 }
 
@@ -200,7 +204,10 @@ fn run(cli: Cli) -> ExitCode {
         } => status(machine.as_deref(), socket, format),
         Command::Stop { machine, socket } => stop(machine.as_deref(), socket),
         Command::Up { file, no_watch } => up(&file, !no_watch),
-        Command::Device { kind } => device(kind),
+        Command::Device {
+            kind,
+            allow_unsealed_memory,
+        } => device(kind, allow_unsealed_memory),
     }
 }
 
@@ -672,7 +679,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn device(kind: DeviceCmd) -> ExitCode {
+fn device(kind: DeviceCmd, unsealed_ok: bool) -> ExitCode {
     use vmm::vhost_user::{BlockModel, ConsoleModel, NetModel, RngModel, Served, serve};
     let opened: Result<(Box<dyn Served>, PathBuf), String> = match kind {
         DeviceCmd::Block {
@@ -701,7 +708,7 @@ fn device(kind: DeviceCmd) -> ExitCode {
             return ExitCode::from(EXIT_BAD_FILE);
         }
     };
-    match serve(model, &socket) {
+    match serve(model, &socket, unsealed_ok) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm device: {e}");

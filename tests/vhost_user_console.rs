@@ -42,14 +42,31 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Guest memory both sides map: a memfd.
-fn shared_memory() -> (GuestMemoryMmap<()>, std::fs::File) {
+/// Guest memory both sides map: a memfd, sealed against shrinking and growing as QEMU's
+/// memory-backend-memfd seals it (unless `sealed` is false).
+fn shared_memory_with(sealed: bool) -> (GuestMemoryMmap<()>, std::fs::File) {
     // SAFETY: memfd_create with a static NUL-terminated name; the fd is checked and owned below.
-    let fd = unsafe { libc::memfd_create(c"vmm-test-mem".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmm-test-mem".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh fd nobody else owns.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(MEM_SIZE as u64).unwrap();
+    if sealed {
+        // SAFETY: F_ADD_SEALS on our memfd.
+        let r = unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    }
     let mem = GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         MEM_SIZE,
@@ -57,6 +74,53 @@ fn shared_memory() -> (GuestMemoryMmap<()>, std::fs::File) {
     )])
     .unwrap();
     (mem, file)
+}
+
+fn shared_memory() -> (GuestMemoryMmap<()>, std::fs::File) {
+    shared_memory_with(true)
+}
+
+/// A front end whose guest memory is not sealed could truncate it and crash the backend with
+/// SIGBUS at its next access; `vmm device` refuses such memory with the reason and exits 1
+/// (it used to take it, and died by the signal once the front end shrank the file).
+#[test]
+fn unsealed_guest_memory_is_refused_with_the_reason() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("console.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(["device", "console", "--io", "none", "--socket"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::piped());
+    let mut backend = Backend::start(cmd, &sock, Duration::from_secs(20));
+    let (mem, file) = shared_memory_with(false);
+    let region = mem.iter().next().unwrap();
+    let mut fe = Frontend::connect(&sock, 2).expect("connect to vmm device console");
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    let _ = fe.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()]);
+    // What a hostile front end would do next.
+    file.set_len(4096).unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = backend.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "vmm device took the unsealed memory");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    backend
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}: {err}");
+    assert!(err.contains("not sealed against shrinking"), "{err}");
+    assert!(err.contains("memory-backend-memfd"), "{err}");
 }
 
 fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
@@ -244,7 +308,7 @@ fn bad_device_options_are_exit_2_with_the_cause() {
     let (code, err) = run(&["block", "--path", &missing.display().to_string()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains(&format!("cannot open disk image {}", missing.display())),
+        err.contains(&format!("disk image {} does not exist", missing.display())),
         "{err}"
     );
     let (code, err) = run(&["net", "--tap", "a/b"]);

@@ -258,9 +258,44 @@ impl Served for RngModel {
     }
 }
 
+/// Refuses guest memory the front end could shrink under the backend: every region must be
+/// a file sealed against shrinking (F_SEAL_SHRINK: QEMU's memory-backend-memfd seals by
+/// default) and cover the region. A front end that truncates an unsealed file would make the
+/// backend's next access to the region fault with SIGBUS, which kills it.
+fn check_sealed(mem: &GuestMem) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for r in mem.iter() {
+        let at = r.start_addr().0;
+        let Some(fo) = r.file_offset() else {
+            return Err(format!("guest memory at {at:#x} has no file"));
+        };
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor the region owns; EINVAL if not a memfd.
+        let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(format!(
+                "the front end's guest memory at {at:#x} is not sealed against shrinking: a \
+                 front end that truncated it would crash this backend. Give the VM a sealed \
+                 memfd (QEMU: -object memory-backend-memfd,share=on, which seals by default), \
+                 or start vmm device with --allow-unsealed-memory if you trust the front end"
+            ));
+        }
+        let size = fo.file().metadata().map(|m| m.len()).unwrap_or(0);
+        if size < fo.start().saturating_add(r.len()) {
+            return Err(format!(
+                "the front end's guest memory at {at:#x} ends past the end of its file \
+                 ({size} bytes)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The vhost-user-backend side of a [`Served`] model.
 pub struct Backend {
     model: Box<dyn Served>,
+    /// `--allow-unsealed-memory`: trust the front end not to shrink guest memory.
+    unsealed_ok: bool,
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
     exit: (EventConsumer, EventNotifier),
@@ -303,6 +338,12 @@ impl VhostUserBackend for Backend {
         out
     }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
+        if !self.unsealed_ok
+            && let Err(why) = check_sealed(&mem.memory())
+        {
+            log::error!("vhost-user {}: {why}", self.model.name());
+            return Err(std::io::Error::other(why));
+        }
         *self.mem.lock() = Some(mem);
         Ok(())
     }
@@ -338,12 +379,17 @@ impl VhostUserBackend for Backend {
 }
 
 /// Serves `model` on the vhost-user socket at `socket` until the front end disconnects.
-pub fn serve(model: Box<dyn Served>, socket: &std::path::Path) -> Result<(), ServeError> {
+pub fn serve(
+    model: Box<dyn Served>,
+    socket: &std::path::Path,
+    unsealed_ok: bool,
+) -> Result<(), ServeError> {
     let name = model.name();
     let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
         .map_err(|e| ServeError::Daemon(format!("eventfd: {e}")))?;
     let backend = Arc::new(Backend {
         model,
+        unsealed_ok,
         mem: Mutex::new(Rank::Leaf, None),
         event_idx: AtomicBool::new(false),
         exit,
@@ -361,7 +407,7 @@ pub fn serve(model: Box<dyn Served>, socket: &std::path::Path) -> Result<(), Ser
     log::info!("serving {name} on {}", socket.display());
     eprintln!("vmm device {name}: listening on {}", socket.display());
     if backend.model.relay_early_enables() {
-        serve_relayed(&mut daemon, socket)?;
+        serve_relayed(&mut daemon, socket, backend.model.num_queues() as u32)?;
     } else {
         daemon
             .serve(socket)
@@ -376,6 +422,7 @@ pub fn serve(model: Box<dyn Served>, socket: &std::path::Path) -> Result<(), Ser
 fn serve_relayed(
     daemon: &mut VhostUserDaemon<Arc<Backend>>,
     socket: &std::path::Path,
+    queues: u32,
 ) -> Result<(), ServeError> {
     use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     use std::os::unix::net::{UnixListener, UnixStream};
@@ -418,7 +465,7 @@ fn serve_relayed(
     };
     let relay = std::thread::Builder::new()
         .name("vhost-user-relay".into())
-        .spawn(move || relay::run(front, back))
+        .spawn(move || relay::run(front, back, queues))
         .map_err(|e| err("cannot start the relay", e));
     let relay = match relay {
         Ok(r) => r,

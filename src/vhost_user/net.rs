@@ -116,6 +116,16 @@ impl NetModel {
                     self.fault(cx.listeners, &e);
                     return Ok(());
                 }
+                RxStop::Error(e) => {
+                    // May heal: the link stays up; the TAP is watched again at the next kick
+                    // (watching it now would spin on the error).
+                    self.state.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "vhost-user net: TAP read failed: {e}; reading again at the next kick"
+                    );
+                    self.watch_tap(cx.listeners, false);
+                    return Ok(());
+                }
                 RxStop::RingError(why) => {
                     log::warn!("vhost-user net: {why}; receive queue not served until a reset");
                     self.rx_broken.store(true, Ordering::SeqCst);

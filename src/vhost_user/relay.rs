@@ -129,6 +129,7 @@ fn forward_requests(
     front: &Mutex<UnixStream>,
     back: &UnixStream,
     src: &UnixStream,
+    queues: u32,
 ) -> io::Result<()> {
     let mut features_set = false;
     let mut held: std::collections::BTreeMap<u32, u32> = Default::default();
@@ -140,6 +141,14 @@ fn forward_requests(
                     .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             };
             let (index, num) = (word(12), word(16));
+            // The front end chooses the index: only the device's rings are kept, so the
+            // held-back state is bounded by the queue count.
+            if index >= queues {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("SET_VRING_ENABLE for ring {index}; the device has {queues}"),
+                ));
+            }
             log::debug!(
                 "vhost-user: SET_VRING_ENABLE {index}={num} before SET_FEATURES: held back"
             );
@@ -187,9 +196,10 @@ fn forward_replies(back: &UnixStream, front: &Mutex<UnixStream>) -> io::Result<(
     }
 }
 
-/// Relays between `front` (the VMM's connection) and `back` (the daemon's) until either side
-/// closes; then shuts both down so the other side sees the end too.
-pub fn run(front: UnixStream, back: UnixStream) -> io::Result<()> {
+/// Relays between `front` (the VMM's connection) and `back` (the daemon's) for a device with
+/// `queues` rings, until either side closes; then shuts both down so the other side sees the
+/// end too.
+pub fn run(front: UnixStream, back: UnixStream, queues: u32) -> io::Result<()> {
     let reader = front.try_clone()?;
     let front = Arc::new(Mutex::new(Rank::Leaf, front));
     let (f2, b2) = (front.clone(), back.try_clone()?);
@@ -204,7 +214,7 @@ pub fn run(front: UnixStream, back: UnixStream) -> io::Result<()> {
             shut(&f2, &b2);
             r
         })?;
-    let r = forward_requests(&front, &back, &reader);
+    let r = forward_requests(&front, &back, &reader, queues);
     shut(&front, &back);
     let r2 = replies
         .join()
@@ -232,7 +242,7 @@ mod tests {
     fn early_enables_wait_for_set_features_the_rest_passes_with_fds() {
         let (vmm_side, front) = UnixStream::pair().unwrap();
         let (back, daemon_side) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || run(front, back));
+        let relay = std::thread::spawn(move || run(front, back, 2));
 
         let get_features = msg(1, 1, &[]);
         let set_features = msg(SET_FEATURES, 1, &1u64.to_le_bytes());
@@ -296,11 +306,29 @@ mod tests {
         relay.join().unwrap().unwrap();
     }
 
+    /// A front end sending early enables for rings the device does not have (each index once,
+    /// as many as it likes) is cut off at the first: nothing it sends makes the relay grow.
+    #[test]
+    fn early_enables_of_rings_the_device_lacks_end_the_relay() {
+        let (vmm_side, front) = UnixStream::pair().unwrap();
+        let (back, daemon_side) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || run(front, back, 2));
+        send(&vmm_side, &msg(SET_VRING_ENABLE, 1, &ring(1, 1)), &[]).unwrap();
+        for i in 2..10_000u32 {
+            if send(&vmm_side, &msg(SET_VRING_ENABLE, 1, &ring(i, 1)), &[]).is_err() {
+                break;
+            }
+        }
+        let e = relay.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("ring 2; the device has 2"), "{e}");
+        assert!(read_message(&daemon_side).unwrap().is_none());
+    }
+
     #[test]
     fn oversized_messages_end_the_relay() {
         let (vmm_side, front) = UnixStream::pair().unwrap();
         let (back, daemon_side) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || run(front, back));
+        let relay = std::thread::spawn(move || run(front, back, 2));
         let mut m = msg(5, 1, &[]);
         m[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
         send(&vmm_side, &m, &[]).unwrap();

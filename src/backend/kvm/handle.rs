@@ -116,16 +116,37 @@ struct KvmMsi {
     evt: EventFd,
 }
 
+impl Routing {
+    /// Sets (or with `addr` 0, removes) the MSI route of `gsi` and writes the table with
+    /// `write`. A table KVM refused is not kept: the route stays as it was, so one bad message
+    /// cannot break every later update of the VM's routing.
+    fn set<E>(
+        &mut self,
+        gsi: u32,
+        addr: u64,
+        data: u32,
+        write: impl FnOnce(&Routing) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let old = if addr == 0 {
+            self.msi.remove(&gsi)
+        } else {
+            self.msi.insert(gsi, (addr, data))
+        };
+        let r = write(self);
+        if r.is_err() {
+            match old {
+                Some(m) => self.msi.insert(gsi, m),
+                None => self.msi.remove(&gsi),
+            };
+        }
+        r
+    }
+}
+
 impl MsiVector for KvmMsi {
     fn set_message(&self, addr: u64, data: u32) -> Result<(), DeviceError> {
         let mut r = self.handle.routing.lock();
-        if addr == 0 {
-            r.msi.remove(&self.gsi);
-        } else {
-            r.msi.insert(self.gsi, (addr, data));
-        }
-        self.handle
-            .write_routing(&r)
+        r.set(self.gsi, addr, data, |t| self.handle.write_routing(t))
             .map_err(|e| DeviceError(format!("KVM_SET_GSI_ROUTING: {e}")))
     }
 
@@ -193,5 +214,42 @@ impl VmHandle for Handle {
     fn move_mmio(&self, from: u64, to: u64, len: u64, dev: SharedDevice) {
         self.0.moves.lock().push((from, to, len, dev));
         self.0.pending.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routing_table_kvm_refused_is_not_kept() {
+        let mut r = Routing {
+            msi: BTreeMap::new(),
+            next_gsi: IOAPIC_PINS,
+            free: Vec::new(),
+        };
+        let ok = |_: &Routing| Ok::<(), ()>(());
+        r.set(24, 0xfee0_0000, 0x41, ok).unwrap();
+        // KVM refuses the table with this message: the route stays as it was.
+        let refuse = |_: &Routing| Err(());
+        assert!(r.set(24, 0xdead_0000, 7, refuse).is_err());
+        assert!(r.set(25, 0xdead_0000, 7, refuse).is_err());
+        assert_eq!(r.msi, BTreeMap::from([(24, (0xfee0_0000, 0x41))]));
+        // The next update writes a table without the refused routes.
+        let mut written = None;
+        r.set(26, 0xfee0_1000, 0x42, |t: &Routing| {
+            written = Some(t.msi.clone());
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(
+            written.unwrap(),
+            BTreeMap::from([(24, (0xfee0_0000, 0x41)), (26, (0xfee0_1000, 0x42))])
+        );
+        // Removing, refused, keeps the route; accepted, drops it.
+        assert!(r.set(24, 0, 0, refuse).is_err());
+        assert!(r.msi.contains_key(&24));
+        r.set(24, 0, 0, ok).unwrap();
+        assert!(!r.msi.contains_key(&24));
     }
 }

@@ -198,6 +198,8 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     /// Malformed descriptor chains on either queue.
     pub bad_chains: AtomicU64,
+    /// TAP reads that failed but not for good (the TAP was read again later).
+    pub rx_errors: AtomicU64,
 }
 
 impl NetStats {

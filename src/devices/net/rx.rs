@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestMemory, VolatileSlice};
 use super::chain::{
     BadChain, Slice, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN,
-    gather, pop, readv,
+    gather, is_host_fault, pop, readv,
 };
 use super::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6};
 
@@ -90,6 +90,8 @@ pub enum RxStop {
     RingError(String),
     /// The TAP failed in a way that will not heal (deleted interface, EOF).
     Fault(io::Error),
+    /// A read failed in a way that may heal (not a host fault): try again later.
+    Error(io::Error),
 }
 
 /// What an [`rx`] batch did.
@@ -207,8 +209,10 @@ pub fn rx<M: GuestMemory>(
                 Err(e) => {
                     // The chain stays available for the next packet.
                     queue.go_to_previous_position();
-                    if e.kind() != io::ErrorKind::WouldBlock {
+                    if is_host_fault(&e) {
                         out.stop = RxStop::Fault(e);
+                    } else if e.kind() != io::ErrorKind::WouldBlock {
+                        out.stop = RxStop::Error(e);
                     }
                     return out;
                 }

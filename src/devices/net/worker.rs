@@ -24,6 +24,8 @@ const TAP_TOKEN: u64 = 2;
 const BUDGET: usize = 256;
 /// Batches per wake-up before going back to epoll.
 const ROUNDS: usize = 4;
+/// Pause after a TAP read error that is not a host fault.
+const RX_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Starts the worker of a device whose host side is `tap` (a TAP, or in tests any packet fd).
 pub fn spawn_worker<T: AsFd + Send + Sync + 'static>(
@@ -50,6 +52,7 @@ pub fn spawn_worker<T: AsFd + Send + Sync + 'static>(
         config_irq: a.config_irq,
         needs_reset: a.needs_reset,
         tap_polled: false,
+        rx_retry: None,
         rx_broken: false,
         tx_broken: false,
     };
@@ -72,6 +75,8 @@ struct NetWorker<T> {
     needs_reset: Arc<dyn NeedsReset>,
     /// Whether the TAP is in the epoll set (not while the guest has no receive buffers).
     tap_polled: bool,
+    /// After a read error that may heal: when to read the TAP again.
+    rx_retry: Option<std::time::Instant>,
     rx_broken: bool,
     tx_broken: bool,
 }
@@ -106,11 +111,26 @@ impl<T: AsFd> NetWorker<T> {
         let mut tx_pending = true;
         self.process_rx(ep);
         loop {
-            let events = ep.wait(if tx_pending { 0 } else { -1 });
+            let timeout = match self.rx_retry {
+                _ if tx_pending => 0,
+                Some(at) => at
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_millis() as i32,
+                None => -1,
+            };
+            let events = ep.wait(timeout);
             if events.contains(&STOP_TOKEN) {
                 return;
             }
             let mut rx_ready = false;
+            if self
+                .rx_retry
+                .is_some_and(|at| std::time::Instant::now() >= at)
+            {
+                self.rx_retry = None;
+                self.start_polling_tap(ep);
+                rx_ready = true;
+            }
             for t in events {
                 match t {
                     RX_TOKEN => {
@@ -137,7 +157,7 @@ impl<T: AsFd> NetWorker<T> {
     }
 
     fn start_polling_tap(&mut self, ep: &Worker) {
-        if self.tap_polled || self.rx_broken || self.state.faulted() {
+        if self.tap_polled || self.rx_broken || self.state.faulted() || self.rx_retry.is_some() {
             return;
         }
         match ep.add(self.tap.as_fd().as_raw_fd(), TAP_TOKEN) {
@@ -230,6 +250,18 @@ impl<T: AsFd> NetWorker<T> {
                 // The TAP stays readable (level-triggered) if packets are left.
                 RxStop::Drained | RxStop::Budget => return,
                 RxStop::Fault(e) => return self.fault(ep, &e),
+                RxStop::Error(e) => {
+                    // Not a deleted interface: the link stays up and the TAP is read again
+                    // after a pause (level-triggered polling would spin on the error).
+                    self.state.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "TAP {}: read failed: {e}; reading again in {RX_RETRY:?}",
+                        self.name
+                    );
+                    self.stop_polling_tap(ep);
+                    self.rx_retry = Some(std::time::Instant::now() + RX_RETRY);
+                    return;
+                }
                 RxStop::RingError(why) => {
                     self.needs_reset.needs_reset(&why);
                     self.rx_broken = true;
@@ -348,6 +380,33 @@ mod tests {
         assert_eq!(drv.resets.0.lock().unwrap().len(), 1);
         assert_eq!(recv(&host), None);
         assert!(state.link_up());
+        w.stop();
+    }
+
+    /// A TAP read that fails for a reason other than a deleted interface (here EISDIR: the
+    /// "TAP" is a directory) is tried again after a pause: the link stays up, the receive
+    /// buffer stays the guest's, nothing spins. It once took the link down for good.
+    #[test]
+    fn a_read_error_that_may_heal_keeps_the_link_up() {
+        let m = mem();
+        let rxq = MockSplitQueue::new(&m, 256);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 256);
+        rxq.add_desc_chains(&[desc(BUF, 1526, WRITE)], 0).unwrap();
+        let (a, drv) = activation(&m, &rxq, &txq);
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let state = NetState::new();
+        let mut w = spawn_worker(Arc::new(dir), "fake0".into(), a, state.clone()).unwrap();
+        wait_until("a few retries", || {
+            state.stats.rx_errors.load(Ordering::SeqCst) >= 3
+        });
+        let errors = state.stats.rx_errors.load(Ordering::SeqCst);
+        assert!(state.link_up() && !state.faulted());
+        assert_eq!(drv.config.get(), 0);
+        assert_eq!(rxq.used().idx().load(), 0, "the buffer stays the guest's");
+        // Paced, not spinning: about one try per pause.
+        std::thread::sleep(Duration::from_millis(100));
+        let more = state.stats.rx_errors.load(Ordering::SeqCst) - errors;
+        assert!(more <= 20, "{more} tries in 100 ms");
         w.stop();
     }
 
