@@ -32,7 +32,8 @@ macro_rules! define_machine_spec {
             /// Number of virtual CPUs.
             #[schemars(range(min = 1, max = 254))]
             pub vcpus: u32,
-            /// Linux kernel: an uncompressed vmlinux (PVH or 64-bit ELF entry) or a bzImage.
+            /// Linux kernel: an uncompressed vmlinux (PVH or 64-bit ELF entry) or a bzImage (a
+            /// regular file).
             pub kernel: FilePath,
             /// Initial ramdisk (initramfs) loaded next to the kernel.
             #[serde(default, skip_serializing_if = "Option::is_none")]
