@@ -18,8 +18,8 @@ pub const VIRTIO_ID_BLOCK: u16 = 2;
 pub struct BlockSpec {
     /// Unique device name.
     pub name: DeviceName,
-    /// Raw disk image on the host: a regular file or a block device (not mounted). Its size is
-    /// the disk's size.
+    /// Raw disk image on the host: a regular file or a block device (not mounted).
+    /// Its size is the disk's size.
     pub path: FilePath,
     /// The guest may only read the disk; vmm opens the image read-only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -14,8 +14,8 @@ pub enum CharIo {
     Stdio,
     /// Not connected: output is discarded, there is no input.
     None,
-    /// Output appended to this regular file (created, private to its owner, when missing);
-    /// no input.
+    /// Output appended to this regular file, created private to its owner when missing.
+    /// No input.
     File(FilePath),
     /// A unix socket vmm listens on; one client at a time reads output and writes input.
     Socket(FilePath),

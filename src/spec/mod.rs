@@ -32,8 +32,8 @@ macro_rules! define_machine_spec {
             /// Number of virtual CPUs.
             #[schemars(range(min = 1, max = 254))]
             pub vcpus: u32,
-            /// Linux kernel: an uncompressed vmlinux (PVH or 64-bit ELF entry) or a bzImage (a
-            /// regular file).
+            /// Linux kernel: an uncompressed vmlinux (PVH or 64-bit ELF entry) or a bzImage.
+            /// A regular file.
             pub kernel: FilePath,
             /// Initial ramdisk (initramfs) loaded next to the kernel.
             #[serde(default, skip_serializing_if = "Option::is_none")]

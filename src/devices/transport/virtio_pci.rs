@@ -1288,52 +1288,24 @@ mod tests {
 
     #[test]
     fn reset_in_the_middle_of_requests_does_not_lose_the_device() {
-        use crate::devices::block::{Block, Disk};
         // A real block device with its worker: requests are in flight when the driver resets.
-        let f = tempfile::NamedTempFile::new().unwrap();
-        f.as_file().set_len(1 << 20).unwrap();
-        let disk = Disk::open(f.path(), false, "t").unwrap();
-        let t = setup_with(Some(Box::new(Block::new(disk))));
+        let (_f, t) = block_device(1 << 20, 2 << 20);
         let mem = t.dev.lock().mem.clone();
         let mut completed = 0u32;
         for round in 0..20u64 {
-            let base = 0x1000;
             t.negotiate(VIRTIO_F_VERSION_1);
-            t.setup_queue(0, base);
+            block_queue(&t, 0x1000, 32);
             // Eight read requests (header, data, status), all made available.
-            for i in 0..8u64 {
-                let d = base + i * 3 * 16;
-                let hdr = 0x8000 + i * 16;
-                mem.write_obj(0u32, GuestAddress(hdr)).unwrap();
-                mem.write_obj(i, GuestAddress(hdr + 8)).unwrap();
-                for (k, (addr, len, flags)) in [
-                    (hdr, 16u32, 1u16),
-                    (0x10000 + i * 512, 512, 1 | 2),
-                    (0x9000 + i, 1, 2),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let at = GuestAddress(d + k as u64 * 16);
-                    mem.write_obj(addr, at).unwrap();
-                    mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
-                    mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
-                    mem.write_obj((i * 3 + k as u64 + 1) as u16, GuestAddress(at.0 + 14))
-                        .unwrap();
-                }
-                mem.write_obj((i * 3) as u16, GuestAddress(base + 0x100 + 4 + i * 2))
-                    .unwrap();
-            }
-            mem.write_obj(8u16, GuestAddress(base + 0x100 + 2)).unwrap();
+            let used_at = block_reads(&mem, 0x1000, 32, 8, 512);
             t.driver_ok();
             // Kick by hand (no ioeventfd here) and reset at once, at a varying point.
             t.w(NOTIFY_OFFSET, 0, 2);
             std::thread::sleep(std::time::Duration::from_micros(round * 50));
             t.reset_and_wait();
-            let used: u16 = mem.read_obj(GuestAddress(base + 0x200 + 2)).unwrap();
+            let used: u16 = mem.read_obj(used_at).unwrap();
             assert!(used <= 8, "round {round}: {used} completions of 8 requests");
             completed += u32::from(used);
-            mem.write_obj(0u16, GuestAddress(base + 0x200 + 2)).unwrap();
+            mem.write_obj(0u16, used_at).unwrap();
         }
         // The worker really served requests between the kicks and the resets.
         assert!(completed > 0);
