@@ -280,7 +280,7 @@ fn run_model(image: &Path, w: Workload, secs: f64) -> Result {
     let (mut ops, t0) = (0u64, Instant::now());
     while t0.elapsed().as_secs_f64() < secs {
         while d.submit(offs.next()) {}
-        block::process(&mut q, &mem, &disk);
+        block::process(&mut q, &mem, &disk, usize::MAX);
         ops += d.reap() as u64;
     }
     Result {

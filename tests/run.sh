@@ -8,6 +8,8 @@ tests/deps.sh
 tests/guest/build.sh || { echo "building the test guest failed" >&2; exit 1; }
 mkdir -p target
 rm -f target/test-skips.txt
+# The benchmarks are not run here, but they must keep compiling against the code they measure.
+cargo check --benches --quiet --color never || { echo "the benchmarks do not compile" >&2; exit 1; }
 cargo test --no-fail-fast --color never 2>&1 | tee target/test-output.txt
 rc=${PIPESTATUS[0]}
 read -r passed failed ignored < <(awk '/^test result:/ {
