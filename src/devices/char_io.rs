@@ -390,13 +390,14 @@ pub fn open(
     input: Arc<dyn CharInput>,
 ) -> Result<(CharOut, Option<SocketGuard>), CharIoError> {
     match io {
-        CharIo::Stdio => {
-            let s = stdout().map_err(|source| CharIoError::File {
-                path: "stdout".into(),
-                source,
-            })?;
-            Ok((CharOut::Stdout(s), None))
-        }
+        CharIo::Stdio => match stdout() {
+            Ok(s) => Ok((CharOut::Stdout(s), None)),
+            // No stdout at all (closed): the output has nowhere to go.
+            Err(e) => {
+                log::warn!("stdout is unusable ({e}); the console's output is discarded");
+                Ok((CharOut::Sink, None))
+            }
+        },
         CharIo::None => Ok((CharOut::Sink, None)),
         CharIo::File(p) => {
             let path = p.resolve(base);
