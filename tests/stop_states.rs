@@ -7,130 +7,52 @@
 
 mod common;
 
-use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tap::Tap;
-use common::vm::{Machine, die_with_parent, kvm_or_skip, tiny};
+use common::vm::{Machine, Vm, kvm_or_skip, tiny};
 
 /// Longest any test here waits for vmm to end (a hang, not a slow exit).
 const HANG: Duration = Duration::from_secs(60);
 
-/// `vmm up` with stdout a pipe nobody reads (held open) and stderr collected.
+/// `vmm up` with stdout a pipe nobody reads (its read end is held, never read).
 struct Up {
-    child: Child,
-    _stdout: Option<std::process::ChildStdout>,
-    stderr: Arc<Mutex<String>>,
-    runtime: tempfile::TempDir,
+    vm: Vm,
+    _unread: std::os::fd::OwnedFd,
 }
 
 impl Up {
-    fn start(file: &Path, extra_env: &[(&str, &str)]) -> Up {
-        let runtime = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
-        cmd.arg("up")
-            .arg(file)
-            .env("VMM_RUNTIME_DIR", runtime.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().expect("vmm starts");
-        let stdout = child.stdout.take();
-        let mut err = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let e2 = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                e2.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Up {
-            child,
-            _stdout: stdout,
-            stderr,
-            runtime,
-        }
+    fn start(file: &Path) -> Up {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fresh descriptors into the array we own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both are ours, each wrapped once.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let vm = Vm::start_with_stdout(file, HANG, &[], Stdio::from(w));
+        Up { vm, _unread: r }
     }
 
-    fn vmm(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(args)
-            .env("VMM_RUNTIME_DIR", self.runtime.path())
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits until `f` holds (polling); panics with vmm's stderr after `limit`.
-    fn until(&mut self, what: &str, limit: Duration, f: impl Fn(&Up) -> bool) {
+    /// Waits until `f` holds (polling); panics with vmm's stderr after the hang net.
+    fn until(&mut self, what: &str, f: impl Fn(&Vm) -> bool) {
         let t = Instant::now();
-        while !f(self) {
-            if t.elapsed() > limit || matches!(self.child.try_wait(), Ok(Some(_))) {
-                panic!("never: {what}\nstderr:\n{}", self.stderr());
+        while !f(&self.vm) {
+            if t.elapsed() > HANG || matches!(self.vm.child.try_wait(), Ok(Some(_))) {
+                panic!("never: {what}\nstderr:\n{}", self.vm.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Waits for vmm to end (killing it at the hang net); returns its exit code, how long it
-    /// took and its stderr.
-    fn wait(mut self) -> (Option<i32>, Duration, String) {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
-                return (st.code(), t.elapsed(), self.stderr());
-            }
-            if t.elapsed() > HANG {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "vmm did not end within {HANG:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// SIGTERM, then [`Up::wait`]: asserts the clean stop and returns the time it took.
     fn terminate(self) -> Duration {
-        // SAFETY: a signal to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let (code, took, err) = self.wait();
-        assert_eq!(code, Some(0), "{err}");
-        assert!(err.contains("stopped by SIGTERM"), "{err}");
-        assert!(
-            !err.contains("did not stop within"),
-            "a thread was left running:\n{err}"
-        );
-        took
+        self.vm.terminate().0
     }
 }
 
-fn dropped(up: &Up, device: &str) -> u64 {
-    let (_, out, _) = up.vmm(&["status", "--format", "json"]);
+fn dropped(vm: &Vm, device: &str) -> u64 {
+    let (_, out, _) = vm.vmm(&["status", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     v["devices"]
         .as_array()
@@ -157,8 +79,10 @@ fn a_stdout_nobody_reads_never_stops_the_guest() {
         return;
     }
     let m = spew("");
-    let up = Up::start(&m.file, &[]);
-    let (code, took, err) = up.wait();
+    let up = Up::start(&m.file);
+    let t = Instant::now();
+    let (code, _, err) = up.vm.finish();
+    let took = t.elapsed();
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("the guest powered off"), "{err}");
     eprintln!("400 KB to a stdout nobody reads: powered off after {took:?}");
@@ -170,10 +94,10 @@ fn sigterm_with_stdout_blocked() {
         return;
     }
     let m = spew("then=spin");
-    let mut up = Up::start(&m.file, &[]);
+    let mut up = Up::start(&m.file);
     // Past the pipe and the buffer: output is being dropped, and `vmm status` says so.
-    up.until("output dropped", HANG, |u| dropped(u, "com1") > 10_000);
-    let (_, status, _) = up.vmm(&["status"]);
+    up.until("output dropped", |vm| dropped(vm, "com1") > 10_000);
+    let (_, status, _) = up.vm.vmm(&["status"]);
     assert!(status.contains("bytes of output dropped"), "{status}");
     let took = up.terminate();
     eprintln!("SIGTERM with stdout blocked: ended after {took:?}");
@@ -203,12 +127,12 @@ fn sigterm_mid_plug() {
     .unwrap();
     let mut worst = Duration::ZERO;
     for round in 0..6u64 {
-        let mut up = Up::start(&m.file, &[]);
+        let mut up = Up::start(&m.file);
         let log = m.dir.path().join("console.log");
-        up.until("the guest is up", HANG, |_| {
+        up.until("the guest is up", |_| {
             std::fs::read_to_string(&log).is_ok_and(|l| l.contains("HP-READY"))
         });
-        let runtime = up.runtime.path().to_path_buf();
+        let runtime = up.vm.runtime_dir();
         let file = if round % 2 == 0 {
             with_nic.clone()
         } else {
@@ -255,9 +179,9 @@ fn sigterm_while_the_reconciler_is_busy() {
     }
     let busy: PathBuf = m.dir.path().join("busy.toml");
     std::fs::write(&busy, &edit).unwrap();
-    let up = Up::start(&m.file, &[]);
+    let up = Up::start(&m.file);
     std::thread::sleep(Duration::from_millis(300));
-    let runtime = up.runtime.path().to_path_buf();
+    let runtime = up.vm.runtime_dir();
     let b2 = busy.clone();
     let apply = std::thread::spawn(move || apply(&runtime, &b2));
     std::thread::sleep(Duration::from_millis(30));
@@ -284,8 +208,8 @@ fn sigterm_with_a_device_reset_in_progress() {
     );
     let m = Machine::new(&tiny("blk"), &body);
     let log = m.dir.path().join("com1.log");
-    let mut up = Up::start(&m.file, &[]);
-    up.until("a second round of resets", HANG, |_| {
+    let mut up = Up::start(&m.file);
+    up.until("a second round of resets", |_| {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("ROUND 1"))
     });
     let took = up.terminate();

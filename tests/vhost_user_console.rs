@@ -95,7 +95,7 @@ fn unsealed_guest_memory_is_refused_with_the_reason() {
     let mut backend = Backend::start(cmd, &sock, Duration::from_secs(20));
     let (mem, file) = shared_memory_with(false);
     let region = mem.iter().next().unwrap();
-    let mut fe = Frontend::connect(&sock, 2).expect("connect to vmm device console");
+    let fe = Frontend::connect(&sock, 2).expect("connect to vmm device console");
     fe.set_owner().unwrap();
     fe.get_features().unwrap();
     fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();

@@ -108,11 +108,22 @@ impl Machine {
 impl Vm {
     /// Starts `vmm up FILE` with extra environment, killing it after `limit`.
     pub fn start(file: &Path, limit: Duration, env: &[(&str, &str)]) -> Vm {
+        Vm::start_with_stdout(file, limit, env, Stdio::piped())
+    }
+
+    /// [`Vm::start`] with vmm's stdout given by the caller (e.g. a pipe it never reads); the
+    /// console's lines are then not seen here.
+    pub fn start_with_stdout(
+        file: &Path,
+        limit: Duration,
+        env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Vm {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
         cmd.arg("up")
             .arg(file)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         // Each VM has its own control socket directory: tests never talk to each other's VMs.
         let runtime = tempfile::tempdir().unwrap();
@@ -169,10 +180,12 @@ impl Vm {
     pub fn spawn(mut cmd: Command, limit: Duration) -> Vm {
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("vmm starts");
-        let stdout = child.stdout.take().unwrap();
+        let stdout = child.stdout.take();
         let mut stderr = child.stderr.take().unwrap();
         let (tx, rx) = channel();
+        // Without a stdout of ours no line ever comes.
         std::thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(l) = line else { break };
                 let s = String::from_utf8_lossy(&l)
@@ -281,6 +294,23 @@ impl Vm {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Sends SIGTERM and waits for vmm to end; returns how long that took and its stderr,
+    /// having checked the clean stop (exit 0, "stopped by SIGTERM", no thread left behind).
+    pub fn terminate(self) -> (Duration, String) {
+        let t = Instant::now();
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let (code, _, err) = self.finish();
+        let took = t.elapsed();
+        assert_eq!(code, Some(0), "{err}");
+        assert!(err.contains("stopped by SIGTERM"), "{err}");
+        assert!(
+            !err.contains("did not stop within"),
+            "a thread was left running:\n{err}"
+        );
+        (took, err)
     }
 }
 
