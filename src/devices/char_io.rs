@@ -297,11 +297,6 @@ impl Stdout {
         !self.pending.lock().is_empty()
     }
 
-    /// Bytes dropped so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
     /// fd 1 as written to (for polling writability).
     pub fn fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.fd)

@@ -285,9 +285,6 @@ impl WorkerSlot {
         }
     }
 
-    pub fn is_running(&self) -> bool {
-        self.running.is_some()
-    }
 }
 
 /// Drains a kick eventfd (the count is irrelevant).
