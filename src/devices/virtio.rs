@@ -284,7 +284,6 @@ impl WorkerSlot {
             w.stop();
         }
     }
-
 }
 
 /// Drains a kick eventfd (the count is irrelevant).
