@@ -232,11 +232,8 @@ fn emit(report: &Report, format: Format) {
         Format::Human => {
             let tty = std::io::stderr().is_terminal();
             let color = tty && std::env::var_os("NO_COLOR").is_none();
-            let width = if tty {
-                terminal_width().unwrap_or(100)
-            } else {
-                100
-            };
+            // COLUMNS wins where it is set (also when stderr is a file or a pipe).
+            let width = terminal_width().unwrap_or(100);
             eprint!("{}", report.render(color, width));
             let (e, w) = (report.error_count(), report.total() - report.error_count());
             let name = report.source.name();
