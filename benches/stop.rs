@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::bus::BusDevice;
+use vmm::hw::bus::BusDevice;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -312,41 +312,41 @@ impl Drop for SlowDisk {
 /// A VM for the transport alone: MSI vectors that count nothing, no ioeventfds.
 struct NullVm;
 struct NullMsi;
-impl vmm::devices::MsiVector for NullMsi {
-    fn set_message(&self, _: u64, _: u32) -> Result<(), vmm::devices::DeviceError> {
+impl vmm::hw::MsiVector for NullMsi {
+    fn set_message(&self, _: u64, _: u32) -> Result<(), vmm::hw::DeviceError> {
         Ok(())
     }
     fn trigger(&self) {}
 }
-impl vmm::devices::VmHandle for NullVm {
+impl vmm::hw::VmHandle for NullVm {
     fn register_ioevent(
         &self,
         _: &vmm_sys_util::eventfd::EventFd,
         _: u64,
-    ) -> Result<(), vmm::devices::DeviceError> {
+    ) -> Result<(), vmm::hw::DeviceError> {
         Ok(())
     }
     fn unregister_ioevent(
         &self,
         _: &vmm_sys_util::eventfd::EventFd,
         _: u64,
-    ) -> Result<(), vmm::devices::DeviceError> {
+    ) -> Result<(), vmm::hw::DeviceError> {
         Ok(())
     }
-    fn msi_vector(&self) -> Result<Arc<dyn vmm::devices::MsiVector>, vmm::devices::DeviceError> {
+    fn msi_vector(&self) -> Result<Arc<dyn vmm::hw::MsiVector>, vmm::hw::DeviceError> {
         Ok(Arc::new(NullMsi))
     }
-    fn move_mmio(&self, _: u64, _: u64, _: u64, _: vmm::devices::bus::SharedDevice) {}
+    fn move_mmio(&self, _: u64, _: u64, _: u64, _: vmm::hw::bus::SharedDevice) {}
 }
 
 /// Reset latency of a virtio-blk function with a full ring of 256 reads of 8 MiB.
 fn reset_latency() {
     use vmm::devices::block::{Block, Disk};
-    use vmm::devices::transport::virtio_pci::{NOTIFY_OFFSET, VirtioPci};
+    use vmm::hw::transport::virtio_pci::{NOTIFY_OFFSET, VirtioPci};
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), vec![1u8; 8 << 20]).unwrap();
     let disk = Disk::open(f.path(), false, "bench").unwrap();
-    let mem = vmm::devices::virtio::GuestMem::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = vmm::hw::virtio::GuestMem::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let dev = VirtioPci::new(
         "bench",
         Box::new(Block::new(disk)),

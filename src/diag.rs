@@ -170,9 +170,6 @@ impl Report {
     pub fn text(&self) -> &str {
         self.source.inner()
     }
-    pub fn has_errors(&self) -> bool {
-        self.error_count() > 0
-    }
     pub fn error_count(&self) -> usize {
         self.diags.iter().filter(|d| !d.warning).count() + self.omitted.0
     }

@@ -12,10 +12,12 @@
 #[cfg(test)]
 mod alloc_track;
 pub mod backend;
+pub mod contract;
 pub mod devices;
 pub mod diag;
 pub mod graph;
 pub mod hostfile;
+pub mod hw;
 pub mod logging;
 pub mod reconcile;
 pub mod spec;

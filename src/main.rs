@@ -82,10 +82,10 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Serve one device model as a vhost-user backend on a unix socket (until the VMM disconnects).
+    /// Serve one device model as a vhost-user backend on a unix socket (until the VMM
+    /// disconnects). Each kind's options are the keys of its machine-file table.
+    #[command(subcommand_required = true)]
     Device {
-        #[command(subcommand)]
-        kind: DeviceCmd,
         /// Accept guest memory the front end has not sealed against shrinking (a front end
         /// that truncates it then crashes this backend; QEMU's memory-backend-memfd seals).
         #[arg(long, global = true)]
@@ -93,78 +93,28 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum DeviceCmd {
-    /// virtio-blk on a raw image file.
-    Block {
-        /// vhost-user socket to listen on.
-        #[arg(long)]
-        socket: PathBuf,
-        /// Raw disk image.
-        #[arg(long)]
-        path: PathBuf,
-        #[arg(long)]
-        readonly: bool,
-        /// Serial number (ID) the guest sees; at most 20 characters.
-        #[arg(long, default_value = "vmm-vhost-user")]
-        serial: String,
-    },
-    /// virtio-rng fed from getrandom.
-    Rng {
-        #[arg(long)]
-        socket: PathBuf,
-        /// Bytes per second, e.g. 64K; unlimited when omitted.
-        #[arg(long)]
-        rate: Option<vmm::spec::units::ByteSize>,
-    },
-    /// virtio-net on a host TAP interface (opened if it exists, created if not). The MAC
-    /// address and link status are the front end's (e.g. QEMU's `-device virtio-net-pci,mac=`).
-    Net {
-        #[arg(long)]
-        socket: PathBuf,
-        /// Host TAP interface, e.g. tap0.
-        #[arg(long)]
-        tap: String,
-    },
-    /// virtio-console (port 0: hvc0 in a Linux guest).
-    Console {
-        #[arg(long)]
-        socket: PathBuf,
-        /// Host end: stdio, none, file=PATH (output appended) or socket=PATH (vmm listens;
-        /// one client reads output and writes input).
-        #[arg(long, default_value = "stdio", value_parser = parse_char_io)]
-        io: vmm::devices::char_io::CharIo,
-    },
-}
-
-/// `--io` of `vmm device console`: the machine file's `io` values, spelt for a command line.
-fn parse_char_io(s: &str) -> Result<vmm::devices::char_io::CharIo, String> {
-    use vmm::devices::char_io::CharIo;
-    use vmm::spec::units::FilePath;
-    let path = |p: &str| -> Result<FilePath, String> {
-        if p.is_empty() {
-            Err("the path is empty".into())
-        } else {
-            Ok(FilePath(p.to_string()))
-        }
-    };
-    match s.split_once('=') {
-        None if s == "stdio" => Ok(CharIo::Stdio),
-        None if s == "none" => Ok(CharIo::None),
-        Some(("file", p)) => Ok(CharIo::File(path(p)?)),
-        Some(("socket", p)) => Ok(CharIo::Socket(path(p)?)),
-        _ => Err(format!(
-            "`{s}` is not stdio, none, file=PATH or socket=PATH"
-        )),
-    }
-}
-
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_BAD_FILE: u8 = 2;
 
 fn main() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
     vmm::logging::init();
-    let code = run(Cli::parse());
+    // `vmm device <kind>` and its options come from the device registry.
+    let matches = Cli::command()
+        .mut_subcommand("device", |d| {
+            d.subcommands(vmm::vhost_user::cli::subcommands())
+        })
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Some(("device", d)) = matches.subcommand() {
+        let code = device(d);
+        vmm::logging::flush();
+        return code;
+    }
+    let code = run(cli);
     vmm::logging::flush();
     code
 }
@@ -204,10 +154,7 @@ fn run(cli: Cli) -> ExitCode {
         } => status(machine.as_deref(), socket, format),
         Command::Stop { machine, socket } => stop(machine.as_deref(), socket),
         Command::Up { file, no_watch } => up(&file, !no_watch),
-        Command::Device {
-            kind,
-            allow_unsealed_memory,
-        } => device(kind, allow_unsealed_memory),
+        Command::Device { .. } => unreachable!("handled in main"),
     }
 }
 
@@ -266,7 +213,7 @@ fn check(file: &Path, format: Format) -> ExitCode {
                     g.machine,
                     g.vcpus,
                     plural(g.vcpus as usize),
-                    vmm::spec::units::human_size(g.memory),
+                    vmm::contract::units::human_size(g.memory),
                     g.devices.len(),
                     plural(g.devices.len())
                 );
@@ -676,40 +623,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn device(kind: DeviceCmd, unsealed_ok: bool) -> ExitCode {
-    use vmm::vhost_user::{BlockModel, ConsoleModel, NetModel, RngModel, Served, serve};
-    let opened: Result<(Box<dyn Served>, PathBuf), String> = match kind {
-        DeviceCmd::Block {
-            socket,
-            path,
-            readonly,
-            serial,
-        } => vmm::devices::block::Disk::open(&path, readonly, &serial)
-            .map(|d| (Box::new(BlockModel::new(d)) as Box<dyn Served>, socket))
-            .map_err(|e| e.to_string()),
-        DeviceCmd::Rng { socket, rate } => Ok((
-            Box::new(RngModel::new(rate.map(|r| r.bytes()))) as Box<dyn Served>,
-            socket,
-        )),
-        DeviceCmd::Net { socket, tap } => NetModel::open(&tap)
-            .map(|m| (Box::new(m) as Box<dyn Served>, socket))
-            .map_err(|e| e.to_string()),
-        DeviceCmd::Console { socket, io } => ConsoleModel::open(&io)
-            .map(|m| (Box::new(m) as Box<dyn Served>, socket))
-            .map_err(|e| e.to_string()),
+fn device(m: &clap::ArgMatches) -> ExitCode {
+    let unsealed_ok = m.get_flag("allow_unsealed_memory");
+    let Some((key, km)) = m.subcommand() else {
+        return ExitCode::from(EXIT_BAD_FILE);
     };
-    let (model, socket) = match opened {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("vmm device: {e}");
-            return ExitCode::from(EXIT_BAD_FILE);
-        }
+    let Some(kind) = vmm::devices::DeviceKind::from_key(key) else {
+        return ExitCode::from(EXIT_BAD_FILE);
     };
-    match serve(model, &socket, unsealed_ok) {
+    match vmm::vhost_user::cli::run(kind, km, unsealed_ok) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vmm device: {e}");
-            ExitCode::from(EXIT_RUNTIME)
+        Err(f) => {
+            for line in f.message.lines() {
+                eprintln!("vmm device {key}: {line}");
+            }
+            ExitCode::from(f.code)
         }
     }
 }

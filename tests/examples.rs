@@ -93,3 +93,53 @@ fn graph_ignores_device_order_in_the_file() {
     assert!(b.status.success(), "{}", text(&b.stderr));
     assert_eq!(text(&a.stdout), text(&b.stdout));
 }
+
+/// Every device kind in the registry is shown in machines/full.toml, documented (each of its
+/// keys) in docs/machine-format.md and has a case in the bad-config corpus: a kind added
+/// without them fails here.
+#[test]
+fn every_device_kind_is_in_full_toml_the_docs_and_the_bad_corpus() {
+    let full = std::fs::read_to_string(root().join("machines/full.toml")).unwrap();
+    let docs = std::fs::read_to_string(root().join("docs/machine-format.md")).unwrap();
+    let bad: Vec<String> = std::fs::read_dir(root().join("tests/bad"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml" || x == "json"))
+        .map(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned())
+        .collect();
+    let mut missing = Vec::new();
+    for kind in vmm::devices::DeviceKind::ALL {
+        let key = kind.key();
+        let table = format!("[[{key}]]");
+        if !full.contains(&table) {
+            missing.push(format!("machines/full.toml has no {table}"));
+        }
+        let heading = format!("### `{table}`");
+        let Some(at) = docs.find(&heading) else {
+            missing.push(format!("docs/machine-format.md has no `{heading}` section"));
+            continue;
+        };
+        let section = &docs[at + heading.len()..];
+        let section = &section[..section.find("\n#").unwrap_or(section.len())];
+        let schema = kind.schema();
+        for prop in schema["properties"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+        {
+            if !section.contains(&format!("`{prop}`")) {
+                missing.push(format!(
+                    "docs/machine-format.md {heading} does not describe `{prop}`"
+                ));
+            }
+        }
+        if !bad
+            .iter()
+            .any(|b| b.contains(&table) || b.contains(&format!("\"{key}\"")))
+        {
+            missing.push(format!("no case in tests/bad/ declares a {table}"));
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}

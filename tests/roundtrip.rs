@@ -5,17 +5,17 @@
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use vmm::contract::units::{ByteSize, DeviceName, FilePath, MacAddr, PciSlot};
 use vmm::devices::block::BlockSpec;
-use vmm::devices::char_io::CharIo;
 use vmm::devices::console::ConsoleSpec;
 use vmm::devices::legacy::cmos::RtcSpec;
 use vmm::devices::legacy::i8042::I8042Spec;
 use vmm::devices::legacy::serial::{ComPort, SerialSpec};
 use vmm::devices::net::NetSpec;
 use vmm::devices::rng::RngSpec;
+use vmm::hw::char_io::CharIo;
 use vmm::spec::cpu::{CpuFeature, CpuSpec};
 use vmm::spec::source::Format;
-use vmm::spec::units::{ByteSize, DeviceName, FilePath, MacAddr, PciSlot};
 use vmm::spec::{MachineSpec, PciSpec, load_str};
 
 fn name() -> impl Strategy<Value = DeviceName> {

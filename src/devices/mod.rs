@@ -1,27 +1,26 @@
-//! Device models and the registry of device kinds.
+//! The device kinds and their registry.
 //!
-//! Every kind lives in one file that holds, in order: what it is, its spec struct (what a machine
-//! file says about it), its device model and its tests. The registry below is the one list of
-//! kinds: adding a device is one file plus one line in [`for_each_device_kind`]. The rest of vmm
-//! asks a device what it needs ([`DeviceSpec::needs`]) instead of matching on its kind.
+//! Every kind lives in one file (or a folder, once it outgrows one) that holds, in order: what
+//! it is, its spec struct (what a machine file says about it) with its [`KindInfo`], its device
+//! model, how it is served through vhost-user, and its tests. The registry below is the one
+//! list of kinds: adding a device is one file plus one line in [`for_each_device_kind`]. The
+//! stages ask a device through [`crate::contract`] ([`DeviceSpec::needs`], `check`, `describe`),
+//! the backend through [`Device`]; nothing else names a kind.
+//!
+//! Device files import [`crate::contract`] (what the stages know) and [`crate::hw`] (what a VM
+//! offers), never a stage.
 
 pub mod block;
-pub mod bus;
-pub mod char_io;
 pub mod console;
-pub mod hotplug;
 pub mod legacy;
 pub mod net;
-pub mod pci;
-pub mod platform;
 pub mod rng;
-pub mod transport;
-pub mod virtio;
 
 use serde::Serialize;
 
-use crate::spec::units::PciSlot;
-use crate::validate::DeviceCheck;
+use crate::contract::{DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Placement};
+use crate::hw::Machine;
+use crate::hw::served::Served;
 
 /// The list of device kinds: `key => Variant(SpecType)`. `key` is the machine file's table
 /// name (`[[net]]`) and the doc comment is its description in the schema.
@@ -62,6 +61,37 @@ macro_rules! define_registry {
                 match self { $( DeviceKind::$variant => stringify!($key), )* }
             }
 
+            /// The kind's description (its doc comment in the registry).
+            pub fn doc(self) -> &'static str {
+                match self { $( DeviceKind::$variant => concat!($($doc),*).trim_ascii(), )* }
+            }
+
+            /// The kind whose key is `key`.
+            pub fn from_key(key: &str) -> Option<DeviceKind> {
+                match key { $( stringify!($key) => Some(DeviceKind::$variant), )* _ => None }
+            }
+
+            /// The JSON Schema of one device of this kind (its spec struct), definitions
+            /// included.
+            pub fn schema(self) -> serde_json::Value {
+                let g = schemars::generate::SchemaSettings::draft07().into_generator();
+                match self {
+                    $( DeviceKind::$variant => g.into_root_schema_for::<$spec>().to_value(), )*
+                }
+            }
+
+            /// A device of this kind from its keys (as `vmm device` assembles them).
+            pub fn parse(self, v: serde_json::Value) -> Result<AnyDevice, String> {
+                match self {
+                    $( DeviceKind::$variant => serde_path_to_error::deserialize::<_, $spec>(v)
+                        .map(AnyDevice::$variant)
+                        .map_err(|e| match e.path().to_string().as_str() {
+                            "." => e.inner().to_string(),
+                            p => format!("--{}: {}", p.replace('_', "-"), e.inner()),
+                        }), )*
+                }
+            }
+
             /// What every device of this kind has in common.
             pub fn info(self) -> &'static KindInfo {
                 match self { $( DeviceKind::$variant => &<$spec as DeviceKindInfo>::INFO, )* }
@@ -74,8 +104,16 @@ macro_rules! define_registry {
         pub enum AnyDevice { $( $variant($spec), )* }
 
         impl AnyDevice {
+            /// What the stages see of it.
             pub fn spec(&self) -> &dyn DeviceSpec {
                 match self { $( AnyDevice::$variant(d) => d, )* }
+            }
+            /// What the backend and `vmm device` do with it.
+            pub fn device(&self) -> &dyn Device {
+                match self { $( AnyDevice::$variant(d) => d, )* }
+            }
+            pub fn kind(&self) -> DeviceKind {
+                match self { $( AnyDevice::$variant(_) => DeviceKind::$variant, )* }
             }
         }
 
@@ -94,157 +132,33 @@ impl std::fmt::Display for DeviceKind {
     }
 }
 
-/// An edge-triggered interrupt a device raises: an irqfd in a VM, a counter in tests.
-pub trait Irq: Send + Sync {
-    fn trigger(&self);
-}
-
-/// What a device can ask of the VM as a whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmRequest {
-    /// ACPI S5: the guest powered off.
-    PowerOff,
-    /// The guest pulled the reset line (i8042) or asked for a reset.
-    Reset,
-}
-
-/// The VM's side of [`VmRequest`]s.
-pub trait VmControl: Send + Sync {
-    fn request(&self, r: VmRequest);
-}
-
-/// A device that could not be built into a VM.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DeviceError(pub String);
-
-/// One MSI(-X) vector of a device: the guest programs its message, the device triggers it.
-pub trait MsiVector: Send + Sync {
-    /// The message (address, data) the guest wrote to the vector's table entry.
-    fn set_message(&self, addr: u64, data: u32) -> Result<(), DeviceError>;
-    fn trigger(&self);
-}
-
-/// What a device can ask of the running VM (the KVM backend implements it).
-pub trait VmHandle: Send + Sync {
-    /// Makes guest writes to MMIO address `addr` signal `evt` without an exit to vmm.
-    fn register_ioevent(
-        &self,
-        evt: &vmm_sys_util::eventfd::EventFd,
-        addr: u64,
-    ) -> Result<(), DeviceError>;
-    fn unregister_ioevent(
-        &self,
-        evt: &vmm_sys_util::eventfd::EventFd,
-        addr: u64,
-    ) -> Result<(), DeviceError>;
-    /// A new MSI vector (a GSI with an irqfd).
-    fn msi_vector(&self) -> Result<std::sync::Arc<dyn MsiVector>, DeviceError>;
-    /// Moves `dev`'s MMIO range from `from` to `to`; takes effect before the vCPU that asked
-    /// re-enters the guest (the bus may be locked by the access that asked).
-    fn move_mmio(&self, from: u64, to: u64, len: u64, dev: bus::SharedDevice);
-}
-
-/// What a device gets from the VM it is built into. The KVM backend implements it; device code
-/// never sees KVM.
-pub trait Machine {
-    /// The machine's name (as in the machine file); devices derive defaults from it.
-    fn machine_name(&self) -> &str;
-    /// The interrupt line of an IOAPIC pin (ISA IRQs are identity-mapped; devices may share).
-    fn irq_line(&mut self, pin: u8) -> Result<std::sync::Arc<dyn Irq>, DeviceError>;
-    fn vm_control(&self) -> std::sync::Arc<dyn VmControl>;
-    /// Maps `[base, base + len)` of the I/O port bus to `dev`.
-    fn add_pio(&mut self, base: u16, len: u16, dev: bus::SharedDevice) -> Result<(), DeviceError>;
-    /// RAM below and above 4 GiB.
-    fn ram(&self) -> (u64, u64);
-    /// The machine file's directory: relative paths are resolved against it.
-    fn base_dir(&self) -> &std::path::Path;
-    /// Runtime services of the VM (ioeventfds, MSI vectors, MMIO moves).
-    fn vm_handle(&self) -> std::sync::Arc<dyn VmHandle>;
-    /// Guest RAM.
-    fn guest_memory(&self) -> virtio::GuestMem;
-    /// Plugs a PCI function into a slot of bus 0 and maps its BAR (`bar` = (address, size)).
-    fn add_pci(
-        &mut self,
-        slot: u8,
-        function: pci::SharedFunction,
-        bar: (u64, u64),
-        bar_device: bus::SharedDevice,
-    ) -> Result<(), DeviceError>;
-    /// Opens the host end of the character device `name`; its input (terminal, socket) goes to
-    /// `input`.
-    fn open_char(
-        &mut self,
-        name: &str,
-        io: &char_io::CharIo,
-        input: std::sync::Arc<dyn char_io::CharInput>,
-    ) -> Result<char_io::CharOut, DeviceError>;
-}
-
-/// Facts shared by all devices of one kind.
-#[derive(Debug)]
-pub struct KindInfo {
-    /// Whether a running VM can gain or lose a device of this kind.
-    pub hotpluggable: bool,
-    /// The most devices of this kind one machine can have.
-    pub max_count: Option<usize>,
-}
-
-/// Static facts of a device kind; the registry reads them through [`DeviceKind::info`].
-pub trait DeviceKindInfo {
-    const INFO: KindInfo;
-}
-
-/// A fixed set of legacy I/O ports and ISA interrupts a device can sit at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PioPlacement {
-    /// Conventional name of the placement, e.g. "com1".
-    pub label: &'static str,
-    /// (first port, number of ports).
-    pub ports: &'static [(u16, u16)],
-    /// ISA IRQs (= IOAPIC pins) the device raises.
-    pub irqs: &'static [u8],
-}
-
-/// What a device needs from the machine. The graph allocates it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Needs {
-    /// One of these placements on the legacy I/O port bus, the first free one in order.
-    Pio(Vec<PioPlacement>),
-    /// A virtio device on PCI bus 0; the virtio-pci transport decides BARs and vectors.
-    VirtioPci {
-        /// virtio device type (virtio 1.2 section 5).
-        device_type: u16,
-        /// Number of virtqueues.
-        queues: u16,
-    },
-}
-
-/// A device as declared in a machine file, seen by the stages that do not care about its kind.
-pub trait DeviceSpec: std::fmt::Debug {
-    fn kind(&self) -> DeviceKind;
-    /// Unique name in the machine.
-    fn name(&self) -> &str;
-    /// An explicitly requested PCI slot.
-    fn slot(&self) -> Option<PciSlot> {
-        None
-    }
-    fn needs(&self) -> Needs;
-    /// Checks of this kind that the schema cannot express (files, host resources).
-    fn check(&self, _cx: &mut DeviceCheck<'_, '_>) {}
+/// What the backend does with a device of a kind: build it into a VM, or serve it through
+/// vhost-user (`vmm device <kind>`). The transport is the caller's choice; the model is the
+/// device's.
+pub trait Device: DeviceSpec {
     /// Builds the device model into a VM at the place the graph gave it.
-    fn build(
-        &self,
-        _at: &crate::graph::Placement,
-        _m: &mut dyn Machine,
-    ) -> Result<(), DeviceError> {
+    fn build(&self, _at: &Placement, _m: &mut dyn Machine) -> Result<(), DeviceError> {
         Err(DeviceError(format!(
             "`{}` devices are not supported by the KVM backend yet",
-            self.kind()
+            self.info().key
         )))
     }
-    /// Settings shown by `vmm graph`, as key/value pairs. `machine` is the machine's name.
-    fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
-        Vec::new()
+    /// The device's model as a vhost-user backend serves it, or `None` when the kind is not
+    /// served through `vmm device` (legacy devices). Relative paths resolve against `base`.
+    fn served(&self, _base: &std::path::Path) -> Option<Result<Box<dyn Served>, DeviceError>> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_declares_its_own_key() {
+        for k in DeviceKind::ALL {
+            assert_eq!(k.info().key, k.key(), "{k:?}");
+            assert_eq!(DeviceKind::from_key(k.key()), Some(*k));
+        }
     }
 }

@@ -5,12 +5,20 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs};
-use crate::spec::units::{ByteSize, DeviceName, PciSlot};
-use crate::validate::DeviceCheck;
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::{ByteSize, DeviceName, PciSlot};
+use crate::contract::{
+    DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, ServedInfo, VirtioInfo,
+};
+use crate::devices::Device;
+use crate::hw::served::Served;
 
-/// virtio device type of entropy devices.
-pub const VIRTIO_ID_RNG: u16 = 4;
+/// What a virtio entropy device is: type 4, one request queue, PCI class "other".
+pub const VIRTIO: VirtioInfo = VirtioInfo {
+    device_type: 4,
+    queue_sizes: &[QUEUE_SIZE],
+    pci_class: (0xff, 0x00),
+};
 
 /// A virtio entropy device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -28,14 +36,23 @@ pub struct RngSpec {
 
 impl DeviceKindInfo for RngSpec {
     const INFO: KindInfo = KindInfo {
+        key: "rng",
+        noun: "entropy device",
         hotpluggable: false,
         max_count: None,
+        aliases: &["entropy", "random"],
+        platform: &[],
+        vhost_user: Some(ServedInfo {
+            front_end: "QEMU: -device vhost-user-rng-pci",
+            front_end_keys: &[],
+            defaults: &[],
+        }),
     };
 }
 
 impl DeviceSpec for RngSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Rng
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_str()
@@ -44,30 +61,36 @@ impl DeviceSpec for RngSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci {
-            device_type: VIRTIO_ID_RNG,
-            queues: 1,
-        }
+        Needs::VirtioPci(&VIRTIO)
     }
-    fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
+    fn check(&self, cx: &mut dyn DeviceCheck) {
         if self.rate == Some(ByteSize(0)) {
-            cx.error("rate", "A rate of 0 bytes per second starves the guest")
-                .help("remove `rate` for no limit");
+            cx.error(
+                "rate",
+                "A rate of 0 bytes per second starves the guest".into(),
+            )
+            .help("remove `rate` for no limit");
         }
-    }
-    fn build(
-        &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
-        let dev = Rng::new(self.rate.map(|r| r.bytes()));
-        crate::devices::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         match self.rate {
             Some(r) => vec![("rate", format!("{r}/s"))],
             None => Vec::new(),
         }
+    }
+}
+
+impl Device for RngSpec {
+    fn build(
+        &self,
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
+        let dev = Rng::new(self.rate.map(|r| r.bytes()));
+        crate::hw::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
+    }
+    fn served(&self, _base: &std::path::Path) -> Option<Result<Box<dyn Served>, DeviceError>> {
+        Some(Ok(Box::new(RngModel::new(self.rate.map(|r| r.bytes())))))
     }
 }
 
@@ -78,7 +101,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use crate::devices::virtio::{
+use crate::hw::virtio::{
     ActivateError, Activation, BUDGET, STOP_TOKEN, VIRTIO_F_VERSION_1, VirtioDevice, Worker,
     WorkerHandle, WorkerSlot, drain, notify,
 };
@@ -183,11 +206,8 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u16 {
-        VIRTIO_ID_RNG
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+    fn virtio(&self) -> &'static VirtioInfo {
+        &VIRTIO
     }
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1
@@ -240,5 +260,41 @@ impl VirtioDevice for Rng {
     }
     fn quiesced(&mut self) -> bool {
         self.worker.quiesced()
+    }
+}
+
+// ---- Served through vhost-user (`vmm device rng`) ------------------------------------------
+
+use crate::hw::served::{Ctx, serve_simple};
+use crate::sync::{Mutex, Rank};
+
+/// virtio-rng from getrandom, optionally rate-limited.
+pub struct RngModel {
+    limit: Mutex<Option<RateLimit>>,
+}
+
+impl RngModel {
+    pub fn new(rate: Option<u64>) -> RngModel {
+        RngModel {
+            limit: Mutex::new(Rank::Leaf, rate.map(RateLimit::new)),
+        }
+    }
+}
+
+impl Served for RngModel {
+    fn virtio(&self) -> &'static VirtioInfo {
+        &VIRTIO
+    }
+    fn features(&self) -> u64 {
+        crate::hw::virtio::VIRTIO_F_VERSION_1
+    }
+    fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()> {
+        let Some(v) = cx.vrings.get(usize::from(event)) else {
+            return Ok(());
+        };
+        let mut l = self.limit.lock();
+        serve_simple(v, cx.mem, cx.event_idx, event, |q| {
+            fill(q, cx.mem, l.as_mut(), BUDGET)
+        })
     }
 }

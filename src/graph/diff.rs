@@ -255,7 +255,10 @@ fn device_changes(
                 if !n.kind.info().hotpluggable {
                     format!("`{}` devices cannot be added to a running VM", n.kind)
                 } else if free_hotplug == 0 || og.hotplug_slots().all(|s| s.occupant.is_some()) {
-                    "no free hotplug slot: raise `pci.hotplug_slots` (needs a restart) or remove a NIC".to_string()
+                    format!(
+                        "no free hotplug slot: raise `pci.hotplug_slots` (needs a restart) or remove a {}",
+                        n.kind.info().noun
+                    )
                 } else {
                     format!("`{}` is placed in {}, not a hotplug slot", n.name, where_(n))
                 }

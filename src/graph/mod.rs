@@ -13,10 +13,12 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::devices::transport::virtio_pci;
-use crate::devices::{AnyDevice, DeviceKind, Needs, PioPlacement};
+use crate::contract::units::FilePath;
+pub use crate::contract::{Bar, Placement};
+use crate::contract::{Needs, PioPlacement};
+use crate::devices::{AnyDevice, DeviceKind};
 use crate::diag::{Diag, Diags};
-use crate::spec::units::FilePath;
+use crate::hw::transport::virtio_pci;
 use crate::validate::ValidSpec;
 use layout::*;
 
@@ -41,37 +43,6 @@ pub struct Boot {
     pub kernel: FilePath,
     pub initrd: Option<FilePath>,
     pub cmdline: String,
-}
-
-/// A BAR of a PCI function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Bar {
-    pub index: u8,
-    pub addr: u64,
-    pub size: u64,
-}
-
-/// Where a device sits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Placement {
-    /// On the legacy I/O port bus.
-    Pio {
-        label: &'static str,
-        ports: Vec<(u16, u16)>,
-        irqs: Vec<u8>,
-    },
-    /// A virtio-pci function on bus 0.
-    Pci {
-        slot: u8,
-        function: u8,
-        /// In a hotplug slot: can be removed (and re-added) while the VM runs.
-        hotplug: bool,
-        device_type: u16,
-        queues: u16,
-        msix_vectors: u16,
-        bars: Vec<Bar>,
-    },
 }
 
 /// One device of the machine.
@@ -250,11 +221,11 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
     // Legacy I/O ports: hinted, then single-choice, then the rest, each taking its first free
     // placement.
     let mut pio_taken: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
-    let pio: Vec<(&String, &AnyDevice, Vec<PioPlacement>)> = devices
+    let pio: Vec<(&String, &AnyDevice, &'static [PioPlacement])> = devices
         .iter()
         .filter_map(|(p, d)| match d.spec().needs() {
             Needs::Pio(choices) => Some((p, d, choices)),
-            Needs::VirtioPci { .. } => None,
+            Needs::VirtioPci(_) => None,
         })
         .collect();
     let rank = |d: &AnyDevice, choices: &[PioPlacement]| {
@@ -272,7 +243,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         }
     };
     let mut order: Vec<usize> = (0..pio.len()).collect();
-    order.sort_by_key(|&i| rank(pio[i].1, &pio[i].2));
+    order.sort_by_key(|&i| rank(pio[i].1, pio[i].2));
     for i in order {
         let (ptr, d, choices) = &pio[i];
         let name = d.spec().name();
@@ -288,11 +259,12 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
                 pio_taken.insert(c.label, (name.to_string(), ptr.to_string()));
                 nodes.push(DeviceNode {
                     name: name.to_string(),
-                    kind: d.spec().kind(),
+                    kind: d.kind(),
                     placement: Placement::Pio {
                         label: c.label,
                         ports: c.ports.to_vec(),
                         irqs: c.irqs.to_vec(),
+                        acpi: c.acpi,
                     },
                     spec: (*d).clone(),
                 });
@@ -341,10 +313,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
     let pci: Vec<(&String, &AnyDevice, u16, u16)> = devices
         .iter()
         .filter_map(|(p, d)| match d.spec().needs() {
-            Needs::VirtioPci {
-                device_type,
-                queues,
-            } => Some((p, d, device_type, queues)),
+            Needs::VirtioPci(v) => Some((p, d, v.device_type, v.queues())),
             Needs::Pio(_) => None,
         })
         .collect();
@@ -366,7 +335,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         if let Some(&s) = hints.pci.get(name)
             && s < PCI_SLOTS
             && occupant[s as usize].is_none()
-            && fits(s, d.spec().kind().info().hotpluggable)
+            && fits(s, d.spec().info().hotpluggable)
         {
             occupant[s as usize] = Some(name.to_string());
             slot_of.insert(name, s);
@@ -389,7 +358,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         if slot_of.contains_key(name) {
             continue;
         }
-        let hotpluggable = d.spec().kind().info().hotpluggable;
+        let hotpluggable = d.spec().info().hotpluggable;
         let pick = if hotpluggable {
             hotplug_free(&occupant).or_else(|| static_free(&occupant))
         } else {
@@ -423,9 +392,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         };
         let mut dd = Diag::error("vmm::no-slot", title).label(spans.value(ptr), "does not fit");
         let statics = u32::from(hotplug_first) - 1;
-        let all_hotpluggable = homeless
-            .iter()
-            .all(|(_, d)| d.spec().kind().info().hotpluggable);
+        let all_hotpluggable = homeless.iter().all(|(_, d)| d.spec().info().hotpluggable);
         dd = if all_hotpluggable || spec.pci.hotplug_slots == 0 {
             dd.help(format!(
                 "bus 0 has 31 slots and the machine has {} PCI devices: remove some",
@@ -436,7 +403,10 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
                 spans.entry("/pci/hotplug_slots"),
                 format!("leaves {statics} static slot{}", if statics == 1 { "" } else { "s" }),
             )
-            .help("only hot-pluggable devices (net) can use hotplug slots: lower `pci.hotplug_slots` or remove a device")
+            .help(format!(
+                "only hot-pluggable devices ({}) can use hotplug slots: lower `pci.hotplug_slots` or remove a device",
+                hotpluggable_kinds()
+            ))
         };
         diags.push(dd);
     }
@@ -448,7 +418,7 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         let (bar_size, msix_vectors) = virtio_pci::resources(*queues);
         nodes.push(DeviceNode {
             name: name.to_string(),
-            kind: d.spec().kind(),
+            kind: d.kind(),
             placement: Placement::Pci {
                 slot,
                 function: 0,
@@ -520,4 +490,14 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         devices: nodes,
         base_dir: loaded.base_dir.clone(),
     })
+}
+
+/// The keys of the kinds that can be hot-plugged, for messages ("net").
+pub fn hotpluggable_kinds() -> String {
+    let keys: Vec<&str> = DeviceKind::ALL
+        .iter()
+        .filter(|k| k.info().hotpluggable)
+        .map(|k| k.key())
+        .collect();
+    keys.join(", ")
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::{DeviceGraph, Placement};
-use crate::spec::units::human_size;
+use crate::contract::units::human_size;
 
 fn hex(n: u64) -> String {
     format!("{n:#012x}")
@@ -61,6 +61,7 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
             label,
             ports: ps,
             irqs,
+            ..
         } = &d.placement
         {
             for &(base, len) in ps {

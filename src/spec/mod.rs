@@ -6,17 +6,17 @@
 pub mod cpu;
 pub mod schema;
 pub mod source;
-pub mod units;
 
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{AnyDevice, DeviceSpec, for_each_device_kind};
+use crate::contract::DeviceSpec;
+use crate::contract::units::{ByteSize, DeviceName, FilePath};
+use crate::devices::{AnyDevice, for_each_device_kind};
 use crate::diag::{Diag, Report};
 use source::{Document, Format, Spans};
-use units::{ByteSize, DeviceName, FilePath};
 
 macro_rules! define_machine_spec {
     ($( $(#[doc = $doc:literal])* $key:ident => $variant:ident($spec:ty), )*) => {
@@ -82,11 +82,6 @@ macro_rules! define_machine_spec {
                     }
                 )*
                 false
-            }
-
-            /// Adds a device of any kind at the end of its list.
-            pub fn push_device(&mut self, d: AnyDevice) {
-                match d { $( AnyDevice::$variant(d) => self.$key.push(d), )* }
             }
         }
     };

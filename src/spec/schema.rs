@@ -12,7 +12,9 @@ use serde_json::Value;
 
 use super::MachineSpec;
 use super::source::{Document, escape_token};
-use super::units::{BYTE_SIZE_PATTERN, ByteSize, DeviceName, MAC_PATTERN, MacAddr, NAME_PATTERN};
+use crate::contract::units::{
+    BYTE_SIZE_PATTERN, ByteSize, DeviceName, MAC_PATTERN, MacAddr, NAME_PATTERN,
+};
 use crate::diag::{Diag, Diags};
 
 /// Where the committed schema lives, relative to the repository root.
@@ -121,6 +123,44 @@ pub fn check(doc: &Document, text: &str) -> Diags {
     }
 }
 
+/// Checks one device of kind `key` (its table, as `vmm device` assembles it from options)
+/// against that kind's part of the machine schema: (message, help) per problem.
+pub fn check_device(key: &str, value: &Value) -> Vec<(String, Option<String>)> {
+    let c = compiled();
+    let Some(def) = c.json["properties"][key]["items"]["$ref"].as_str() else {
+        return vec![(format!("no schema for `{key}`"), None)];
+    };
+    let url = format!("{SCHEMA_URL}{def}");
+    let compiled = {
+        let mut compiler = boon::Compiler::new();
+        let mut schemas = boon::Schemas::new();
+        compiler
+            .add_resource(SCHEMA_URL, c.json.clone())
+            .and_then(|()| compiler.compile(&url, &mut schemas))
+            .map(|index| (schemas, index))
+    };
+    let (schemas, index) = match compiled {
+        Ok(s) => s,
+        Err(e) => return vec![(format!("schema: {e}"), None)],
+    };
+    let Err(e) = schemas.validate(value, index) else {
+        return Vec::new();
+    };
+    let doc = Document {
+        value: value.clone(),
+        spans: Default::default(),
+    };
+    let cx = Cx {
+        doc: &doc,
+        text: "",
+        schema: &c.json,
+    };
+    let mut diags = Vec::new();
+    cx.walk(&e, &mut diags);
+    diags.dedup();
+    diags.into_iter().map(|d| (d.message, d.help)).collect()
+}
+
 struct Cx<'a> {
     doc: &'a Document,
     text: &'a str,
@@ -179,15 +219,9 @@ fn value_type(v: &Value) -> &'static str {
     }
 }
 
-/// Keys people write for ones vmm spells differently.
+/// Keys people write for ones vmm spells differently (a device kind's aliases are its own:
+/// [`crate::contract::KindInfo::aliases`]).
 const ALIASES: &[(&str, &str)] = &[
-    ("nic", "net"),
-    ("nics", "net"),
-    ("network", "net"),
-    ("disk", "block"),
-    ("disks", "block"),
-    ("drive", "block"),
-    ("drives", "block"),
     ("mem", "memory"),
     ("ram", "memory"),
     ("cpus", "vcpus"),
@@ -215,6 +249,13 @@ pub fn suggest<'k>(got: &str, allowed: &[&'k str]) -> Option<&'k str> {
     }
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == g)
         && let Some(k) = allowed.iter().find(|k| *k == to)
+    {
+        return Some(k);
+    }
+    if let Some(kind) = crate::devices::DeviceKind::ALL
+        .iter()
+        .find(|k| k.info().aliases.contains(&g.as_str()))
+        && let Some(k) = allowed.iter().find(|k| **k == kind.key())
     {
         return Some(k);
     }
@@ -386,7 +427,10 @@ impl Cx<'_> {
                 }
                 out.push(d);
             }
-            K::Pattern { got, want } => out.push(self.pattern(&ptr, got, want)),
+            K::Pattern { got, want } => {
+                let node = self.node(e.schema_url);
+                out.push(self.pattern(&ptr, got, want, node))
+            }
             K::Minimum { got, want } | K::ExclusiveMinimum { got, want } => out.push(
                 Diag::error(
                     "vmm::range",
@@ -431,7 +475,8 @@ impl Cx<'_> {
         }
     }
 
-    fn pattern(&self, ptr: &str, got: &str, want: &str) -> Diag {
+    /// `node` is the schema node that failed; `x-invalid` and `x-help` there word the message.
+    fn pattern(&self, ptr: &str, got: &str, want: &str, node: Option<&Value>) -> Diag {
         let what = capital(&Self::what(ptr));
         let span = self.doc.spans.value(ptr);
         let why = if want == BYTE_SIZE_PATTERN {
@@ -442,8 +487,11 @@ impl Cx<'_> {
             got.parse::<MacAddr>().err().unwrap_or_default()
         } else if want == NAME_PATTERN {
             got.parse::<DeviceName>().err().unwrap_or_default()
-        } else if ptr.ends_with("/tap") {
-            format!("`{got}` is not a TAP interface name")
+        } else if let Some(why) = node
+            .and_then(|n| n.get("x-invalid"))
+            .and_then(Value::as_str)
+        {
+            format!("`{got}` {why}")
         } else {
             format!("`{got}` does not have the expected form ({want})")
         };
@@ -451,8 +499,8 @@ impl Cx<'_> {
             Diag::error("vmm::value", format!("{what} is invalid: {why}")).label(span, "here");
         if want == BYTE_SIZE_PATTERN {
             d = d.help("write a whole number with an optional unit K, M, G or T, e.g. \"512M\"");
-        } else if ptr.ends_with("/tap") {
-            d = d.help("TAP names have 1–15 characters: letters, digits, `_`, `.` and `-`");
+        } else if let Some(help) = node.and_then(|n| n.get("x-help")).and_then(Value::as_str) {
+            d = d.help(help.to_string());
         }
         d
     }

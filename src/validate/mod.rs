@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use std::os::unix::fs::FileTypeExt;
 
-use crate::devices::DeviceKind;
+use crate::contract::check::{DeviceCheck, FileInfo, Reported};
+use crate::contract::units::{FilePath, MIB, TIB, human_size};
 use crate::diag::{Diag, Diags};
 use crate::hostfile::{self, OpenError, Use};
-use crate::spec::units::{FilePath, MIB, TIB, human_size};
 use crate::spec::{Loaded, MachineSpec};
 
 /// Smallest and largest guest memory vmm accepts.
@@ -52,14 +52,6 @@ impl ValidSpec {
     pub fn into_loaded(self) -> Loaded {
         self.loaded
     }
-    /// Test helper: trust a spec without checking files on disk.
-    #[doc(hidden)]
-    pub fn assume_valid(loaded: Loaded) -> ValidSpec {
-        ValidSpec {
-            loaded,
-            files: Known::default(),
-        }
-    }
 }
 
 /// Validates a loaded file. Returns the valid spec (with any warnings) or every problem found.
@@ -97,16 +89,6 @@ pub struct Validator<'a> {
     claims: HashMap<(&'static str, String), Claim>,
     prev: Option<&'a Known>,
     files: Known,
-}
-
-/// Facts about an input file that exists and can be opened.
-#[derive(Debug, Clone)]
-pub struct FileInfo {
-    /// Canonical absolute path.
-    pub path: PathBuf,
-    /// Bytes (a block device's size).
-    pub len: u64,
-    pub block_device: bool,
 }
 
 fn check(loaded: &Loaded, prev: Option<&Known>) -> (Diags, Known) {
@@ -229,7 +211,7 @@ impl<'a> Validator<'a> {
     fn devices(&mut self) {
         let spec = self.spec();
         let hotplug_first = 32 - u32::from(spec.pci.hotplug_slots);
-        let mut counts: HashMap<DeviceKind, usize> = HashMap::new();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
         // name → pointer of its first use; slot → (device, pointer of its `slot`).
         let mut names: HashMap<&str, String> = HashMap::new();
         let mut slots: HashMap<u8, (&str, String)> = HashMap::new();
@@ -252,10 +234,10 @@ impl<'a> Validator<'a> {
                 names.insert(d.name(), name_ptr);
             }
 
-            let kind = d.kind();
+            let kind = d.info().key;
             let n = counts.entry(kind).or_default();
             *n += 1;
-            if let Some(max) = kind.info().max_count
+            if let Some(max) = d.info().max_count
                 && *n == max + 1
             {
                 let dd = Diag::error(
@@ -290,7 +272,7 @@ impl<'a> Validator<'a> {
                     .help("remove `slot` from one of them to get a free slot");
                     self.push(dd);
                 } else {
-                    if u32::from(slot.0) >= hotplug_first && !kind.info().hotpluggable {
+                    if u32::from(slot.0) >= hotplug_first && !d.info().hotpluggable {
                         let dd = Diag::error(
                             "vmm::slot",
                             format!("PCI slot {slot} is a hotplug slot, and `{kind}` devices cannot be hot-plugged"),
@@ -304,7 +286,7 @@ impl<'a> Validator<'a> {
                 }
             }
 
-            let mut cx = DeviceCheck {
+            let mut cx = FileCheck {
                 v: self,
                 ptr,
                 name: d.name(),
@@ -326,69 +308,67 @@ impl<'a> Validator<'a> {
             return Some(info);
         }
         let span = self.span(ptr);
-        let opened = match hostfile::open_input(&abs, how) {
-            Ok(o) => o,
-            Err(e) => {
-                let help = match &e {
-                    OpenError::Missing => {
-                        "relative paths are resolved against the machine file's directory"
-                    }
-                    OpenError::NotWritable(_) => {
-                        "set `readonly = true` to give the guest a read-only disk"
-                    }
-                    OpenError::BusyDevice => "unmount it, or stop the program that holds it",
-                    OpenError::WrongKind(..) if how == Use::Read => {
-                        "copy what it gives into a regular file and name that"
-                    }
-                    _ => "",
-                };
-                let mut d = Diag::error("vmm::file", format!("The {what} {} {e}", abs.display()))
-                    .label(span, "this path");
+        match open_checked(&abs, how, what) {
+            Ok(info) => {
+                self.files.inputs.insert(key, info.clone());
+                Some(info)
+            }
+            Err((msg, help)) => {
+                let mut d = Diag::error("vmm::file", msg).label(span, "this path");
                 if !help.is_empty() {
                     d = d.help(help.to_string());
                 }
                 self.push(d);
-                return None;
+                None
             }
-        };
-        let canonical = std::fs::canonicalize(&abs).unwrap_or(abs);
-        let info = FileInfo {
-            path: canonical,
-            len: opened.len,
-            block_device: opened.block_device,
-        };
-        self.files.inputs.insert(key, info.clone());
-        Some(info)
+        }
     }
 }
 
-/// What a device's own checks ([`DeviceSpec::check`]) can do.
-pub struct DeviceCheck<'c, 'a> {
+/// Opens an input file the way [`crate::hostfile`] does and says what it is, or why it cannot
+/// be used: (message, help).
+fn open_checked(abs: &Path, how: Use, what: &str) -> Result<FileInfo, (String, &'static str)> {
+    let opened = hostfile::open_input(abs, how).map_err(|e| {
+        let help = match &e {
+            OpenError::Missing => {
+                "relative paths are resolved against the machine file's directory"
+            }
+            OpenError::NotWritable(_) => "set `readonly = true` to give the guest a read-only disk",
+            OpenError::BusyDevice => "unmount it, or stop the program that holds it",
+            OpenError::WrongKind(..) if how == Use::Read => {
+                "copy what it gives into a regular file and name that"
+            }
+            _ => "",
+        };
+        (format!("The {what} {} {e}", abs.display()), help)
+    })?;
+    Ok(FileInfo {
+        path: std::fs::canonicalize(abs).unwrap_or_else(|_| abs.to_path_buf()),
+        len: opened.len,
+        block_device: opened.block_device,
+    })
+}
+
+/// [`DeviceCheck`] for a device of a machine file: fields are keys under the device's table,
+/// reported with their spans.
+struct FileCheck<'c, 'a> {
     v: &'c mut Validator<'a>,
     ptr: String,
     name: &'a str,
 }
 
-/// A diagnostic just reported, to add help to.
-pub struct Reported<'d>(&'d mut Diag);
-
-impl Reported<'_> {
-    pub fn help(self, help: impl Into<String>) {
-        self.0.help = Some(help.into());
-    }
-}
-
-impl DeviceCheck<'_, '_> {
+impl FileCheck<'_, '_> {
     fn field(&self, field: &str) -> String {
         format!("{}/{field}", self.ptr)
     }
+}
 
-    pub fn machine_name(&self) -> &str {
+impl DeviceCheck for FileCheck<'_, '_> {
+    fn machine_name(&self) -> &str {
         self.v.spec().name.as_str()
     }
 
-    /// Reports an error at one of the device's fields.
-    pub fn error(&mut self, field: &str, msg: impl Into<String>) -> Reported<'_> {
+    fn error(&mut self, field: &str, msg: String) -> Reported<'_> {
         let span = self.v.span(&self.field(field));
         Reported(
             self.v
@@ -396,7 +376,7 @@ impl DeviceCheck<'_, '_> {
         )
     }
 
-    pub fn warning(&mut self, field: &str, msg: impl Into<String>) -> Reported<'_> {
+    fn warning(&mut self, field: &str, msg: String) -> Reported<'_> {
         let span = self.v.span(&self.field(field));
         Reported(
             self.v
@@ -404,9 +384,7 @@ impl DeviceCheck<'_, '_> {
         )
     }
 
-    /// Claims a host resource or identity (`what`, `value`) for this device; a second claim of
-    /// the same value is an error pointing at both.
-    pub fn claim(&mut self, what: &'static str, value: String, field: &str, help: &str) {
+    fn claim(&mut self, what: &'static str, value: String, field: &str, help: &str) {
         let span = self.v.span(&self.field(field));
         let name = self.name.to_string();
         match self.v.claims.get(&(what, value.clone())) {
@@ -436,17 +414,14 @@ impl DeviceCheck<'_, '_> {
         }
     }
 
-    /// Checks a disk image of the device: a regular file or a block device, writable if
-    /// `write` (see [`Validator::input_file`]).
-    pub fn disk_image(&mut self, field: &str, path: &FilePath, write: bool) -> Option<FileInfo> {
+    /// See [`Validator::input_file`].
+    fn disk_image(&mut self, field: &str, path: &FilePath, write: bool) -> Option<FileInfo> {
         self.v
             .input_file(&self.field(field), path, Use::Disk { write }, "disk image")
     }
 
-    /// Checks a path vmm will create (a log file when `socket` is false, a socket): its
-    /// directory must exist, and what is there already must be what vmm would make (a regular
-    /// file; a socket, which vmm replaces). Opens nothing. Returns the absolute path.
-    pub fn output_path(&mut self, field: &str, path: &FilePath, socket: bool) -> Option<PathBuf> {
+    /// A socket that is already there is one vmm replaces (left by an earlier run).
+    fn output_path(&mut self, field: &str, path: &FilePath, socket: bool) -> Option<PathBuf> {
         let abs = path.resolve(&self.v.loaded.base_dir);
         let span = self.v.span(&self.field(field));
         let parent = abs.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -456,48 +431,140 @@ impl DeviceCheck<'_, '_> {
             self.v.files.outputs.insert(out.clone());
             return Some(out);
         }
-        if !parent.is_dir() {
-            let d = Diag::error(
-                "vmm::file",
-                format!("The directory {} does not exist", parent.display()),
-            )
-            .label(span, "this path")
-            .help("create the directory, or use a path in an existing one");
-            self.v.push(d);
-            return None;
-        }
-        let problem = match std::fs::symlink_metadata(&abs) {
-            Err(_) => None,
-            Ok(m) if m.is_dir() => Some(("is a directory", "")),
-            Ok(m) if socket && !m.file_type().is_socket() => Some((
-                "exists and is not a socket",
-                "vmm replaces only a socket left by an earlier run: remove it or pick another path",
-            )),
-            Ok(_) if socket => None,
-            Ok(_) => match hostfile::check_output(&abs) {
-                Ok(()) => None,
-                Err(_) if is_dev_null(&abs) => Some((
-                    "is a character device",
-                    "use `io = \"none\"` to discard the output",
-                )),
-                Err(_) => Some((
-                    "is not a regular file",
-                    "output files are appended to; name a regular file (or a new one), or use a `socket`",
-                )),
-            },
-        };
-        if let Some((what, help)) = problem {
-            let role = if socket { "socket path" } else { "output file" };
-            let mut d = Diag::error("vmm::file", format!("The {role} {} {what}", abs.display()))
-                .label(span, "this path");
-            if !help.is_empty() {
-                d = d.help(help.to_string());
+        match check_output_path(&abs, socket) {
+            Ok(()) => {}
+            Err((msg, help)) => {
+                let mut d = Diag::error("vmm::file", msg).label(span, "this path");
+                if !help.is_empty() {
+                    d = d.help(help.to_string());
+                }
+                self.v.push(d);
+                return None;
             }
-            self.v.push(d);
-            return None;
         }
         self.v.files.outputs.insert(out.clone());
         Some(out)
+    }
+}
+
+/// Whether vmm may create `abs` (a log file, or a socket when `socket`): its directory exists
+/// and what is there already is what vmm would make. Else (message, help).
+fn check_output_path(abs: &Path, socket: bool) -> Result<(), (String, &'static str)> {
+    let parent = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    if !parent.is_dir() {
+        return Err((
+            format!("The directory {} does not exist", parent.display()),
+            "create the directory, or use a path in an existing one",
+        ));
+    }
+    let problem = match std::fs::symlink_metadata(abs) {
+        Err(_) => None,
+        Ok(m) if m.is_dir() => Some(("is a directory", "")),
+        Ok(m) if socket && !m.file_type().is_socket() => Some((
+            "exists and is not a socket",
+            "vmm replaces only a socket left by an earlier run: remove it or pick another path",
+        )),
+        Ok(_) if socket => None,
+        Ok(_) => match hostfile::check_output(abs) {
+            Ok(()) => None,
+            Err(_) if is_dev_null(abs) => Some((
+                "is a character device",
+                "use `io = \"none\"` to discard the output",
+            )),
+            Err(_) => Some((
+                "is not a regular file",
+                "output files are appended to; name a regular file (or a new one), or use a `socket`",
+            )),
+        },
+    };
+    match problem {
+        None => Ok(()),
+        Some((what, help)) => {
+            let role = if socket { "socket path" } else { "output file" };
+            Err((format!("The {role} {} {what}", abs.display()), help))
+        }
+    }
+}
+
+/// [`DeviceCheck`] for a device given as command-line options (`vmm device <kind> --key
+/// value`): the same checks as in a machine file, reported as `--key: message`. Relative paths
+/// resolve against `base` (the working directory).
+pub struct ArgsCheck<'b> {
+    base: &'b Path,
+    diags: Diags,
+}
+
+impl<'b> ArgsCheck<'b> {
+    pub fn new(base: &'b Path) -> ArgsCheck<'b> {
+        ArgsCheck {
+            base,
+            diags: Vec::new(),
+        }
+    }
+
+    /// The problems found: `(error, line)` with lines like `--path: The disk image … (help)`.
+    pub fn into_problems(self) -> Vec<(bool, String)> {
+        self.diags
+            .into_iter()
+            .map(|d| {
+                let help = d
+                    .help
+                    .filter(|h| !h.is_empty())
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                (!d.warning, format!("{}{help}", d.message))
+            })
+            .collect()
+    }
+
+    fn report(&mut self, warning: bool, field: &str, msg: String) -> Reported<'_> {
+        let msg = format!(
+            "--{}: {msg}",
+            field.split('/').next().unwrap_or(field).replace('_', "-")
+        );
+        let d = if warning {
+            Diag::warning("vmm::device", msg)
+        } else {
+            Diag::error("vmm::device", msg)
+        };
+        self.diags.push(d);
+        Reported(self.diags.last_mut().expect("just pushed"))
+    }
+}
+
+impl DeviceCheck for ArgsCheck<'_> {
+    fn machine_name(&self) -> &str {
+        "vmm-device"
+    }
+    fn error(&mut self, field: &str, msg: String) -> Reported<'_> {
+        self.report(false, field, msg)
+    }
+    fn warning(&mut self, field: &str, msg: String) -> Reported<'_> {
+        self.report(true, field, msg)
+    }
+    /// One device: nothing to clash with.
+    fn claim(&mut self, _what: &'static str, _value: String, _field: &str, _help: &str) {}
+    fn disk_image(&mut self, field: &str, path: &FilePath, write: bool) -> Option<FileInfo> {
+        match open_checked(&path.resolve(self.base), Use::Disk { write }, "disk image") {
+            Ok(info) => Some(info),
+            Err((msg, help)) => {
+                let help = help
+                    .replace("set `readonly = true`", "pass --readonly")
+                    .replace("the machine file's directory", "the working directory");
+                self.report(false, field, msg).help(help);
+                None
+            }
+        }
+    }
+    fn output_path(&mut self, field: &str, path: &FilePath, socket: bool) -> Option<PathBuf> {
+        let abs = path.resolve(self.base);
+        match check_output_path(&abs, socket) {
+            Ok(()) => Some(abs),
+            Err((msg, help)) => {
+                self.report(false, field, msg).help(help);
+                None
+            }
+        }
     }
 }
 

@@ -4,257 +4,48 @@
 //! (`devices::<kind>::process`, `net::rx`/`net::tx`, `console::receive`/`transmit` …); only the
 //! queue plumbing comes from the vhost-user-backend crate.
 //!
-//! | file         | what                                                             |
-//! |--------------|------------------------------------------------------------------|
-//! | `mod.rs`     | the daemon, the [`Served`] trait every model implements, block, rng |
-//! | `net.rs`     | virtio-net on a TAP (the TAP is an extra event source)            |
-//! | `console.rs` | virtio-console on stdio, a file or a socket                      |
+//! Each kind's served model lives in its own file (`devices/<kind>`, implementing
+//! [`Served`]); this module is the daemon: the vhost-user-backend crate's backend around a
+//! model, the guest memory check, and [`relay`] for QEMU's early ring enables.
 //!
 //! One thread serves all queues of a device. A front end that breaks a ring gets that queue
 //! left alone until it resets the device; nothing it sends panics the backend.
 
-mod console;
-mod net;
+pub mod cli;
 mod relay;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::devices::virtio::BUDGET;
+use crate::hw::served::{Ctx, GuestMem, Listeners, Mem, ServeError, Served, Vring};
 use crate::sync::{Mutex, Rank};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{
-    VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringState, VringT,
-};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-use crate::devices::block::{self, Disk};
-use crate::devices::rng::{self, RateLimit};
-
-pub use console::ConsoleModel;
-pub use net::NetModel;
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
-type Vring = VringRwLock<Mem>;
-/// A locked queue.
-pub type VringGuard<'a> = std::sync::RwLockWriteGuard<'a, VringState<Mem>>;
-/// The guest memory as the models see it.
-pub type GuestMem = GuestMemoryMmap<()>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("{0}")]
-    Device(String),
-    #[error("vhost-user: {0}")]
-    Daemon(String),
-}
-
-/// Registers and unregisters the extra fds a model waits on (a TAP, an input eventfd) in the
-/// daemon's event loop. Event numbers must be above the model's number of queues.
-pub struct Listeners {
+/// The daemon's event loop as [`Listeners`].
+struct EpollListeners {
     handler: OnceLock<Arc<VringEpollHandler<Arc<Backend>>>>,
 }
 
-impl Listeners {
-    pub fn add(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
+impl Listeners for EpollListeners {
+    fn add(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
         match self.handler.get() {
             Some(h) => h.register_listener(fd, EventSet::IN, u64::from(event)),
             None => Err(std::io::Error::other("the event loop is not running")),
         }
     }
-    pub fn remove(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
+    fn remove(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
         match self.handler.get() {
             Some(h) => h.unregister_listener(fd, EventSet::IN, u64::from(event)),
             None => Err(std::io::Error::other("the event loop is not running")),
         }
-    }
-}
-
-/// What a handler gets for one event: the queues, guest memory and the listeners.
-pub struct Ctx<'a> {
-    pub vrings: &'a [Vring],
-    pub mem: &'a GuestMem,
-    /// Whether the front end negotiated VIRTIO_F_RING_EVENT_IDX.
-    pub event_idx: bool,
-    pub listeners: &'a Listeners,
-}
-
-impl Ctx<'_> {
-    /// The state of queue `i` (locked for the duration of the guard).
-    pub fn vring(&self, i: usize) -> Option<VringGuard<'_>> {
-        self.vrings.get(i).map(|v| v.get_mut())
-    }
-}
-
-/// Signals the front end that queue `state` used buffers, if the driver wants to know
-/// (EVENT_IDX aware; a broken ring is signalled anyway).
-pub fn signal(state: &mut VringGuard<'_>) -> std::io::Result<()> {
-    if state.needs_notification().unwrap_or(true) {
-        state.signal_used_queue()?;
-    }
-    Ok(())
-}
-
-/// A device model as a vhost-user backend serves it.
-pub trait Served: Send + Sync {
-    /// The `vmm device` kind ("block", "net" …), for logs.
-    fn name(&self) -> &'static str;
-    fn num_queues(&self) -> usize;
-    /// Offered virtio features (VERSION_1 included).
-    fn features(&self) -> u64;
-    /// The device configuration space.
-    fn config(&self) -> Vec<u8> {
-        Vec::new()
-    }
-    /// The front end's feature choice (called before the queues start).
-    fn acked_features(&self, _features: u64) {}
-    /// The vhost-user protocol features offered (with VHOST_USER_F_PROTOCOL_FEATURES).
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
-    }
-    /// Whether the front end's requests pass through [`relay`] (drops SET_VRING_ENABLE sent
-    /// before SET_FEATURES, as QEMU's virtio-net does).
-    fn relay_early_enables(&self) -> bool {
-        false
-    }
-    /// Called once the event loop runs: register extra event sources here.
-    fn start(&self, _listeners: &Listeners) -> Result<(), ServeError> {
-        Ok(())
-    }
-    /// Handles event `event`: a queue's kick (0 .. num_queues) or an extra event source.
-    fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()>;
-    /// The front end reset the device or stopped its queues.
-    fn reset(&self) {}
-}
-
-/// Serves one queue with a request function the in-VMM device shares: `process` handles a
-/// batch (at most [`BUDGET`]) of what is available and says how many it used. With EVENT_IDX
-/// the loop of the in-VMM workers runs (no request missed); a broken ring is left alone until
-/// a reset.
-fn serve_simple(
-    vring: &Vring,
-    mem: &GuestMem,
-    event_idx: bool,
-    queue: u16,
-    mut process: impl FnMut(&mut virtio_queue::Queue) -> usize,
-) -> std::io::Result<()> {
-    let mut state = vring.get_mut();
-    if !event_idx {
-        let mut used_any = false;
-        loop {
-            let n = process(state.get_queue_mut());
-            used_any |= n > 0;
-            if n < BUDGET {
-                break;
-            }
-        }
-        if used_any {
-            state.signal_used_queue()?;
-        }
-        return Ok(());
-    }
-    let mut used_any = false;
-    let ok =
-        crate::devices::virtio::serve_queue(state.get_queue_mut(), mem, &NoIrq, &|| false, |q| {
-            let u = process(q) > 0;
-            used_any |= u;
-            u
-        });
-    if used_any {
-        state.signal_used_queue()?;
-    }
-    if !ok {
-        log::warn!("vhost-user: the front end broke queue {queue}; not serving it until a reset");
-    }
-    Ok(())
-}
-
-/// Interrupts are raised by the vring (`signal_used_queue`), not by the shared loop.
-struct NoIrq;
-
-impl crate::devices::Irq for NoIrq {
-    fn trigger(&self) {}
-}
-
-/// virtio-blk on a raw image.
-pub struct BlockModel {
-    disk: Disk,
-    config: [u8; 60],
-}
-
-impl BlockModel {
-    pub fn new(disk: Disk) -> BlockModel {
-        BlockModel {
-            config: block::config_bytes(&disk),
-            disk,
-        }
-    }
-}
-
-impl Served for BlockModel {
-    fn name(&self) -> &'static str {
-        "block"
-    }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn features(&self) -> u64 {
-        block::features(&self.disk)
-    }
-    fn config(&self) -> Vec<u8> {
-        self.config.to_vec()
-    }
-    fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()> {
-        match cx.vrings.get(usize::from(event)) {
-            Some(v) => serve_simple(v, cx.mem, cx.event_idx, event, |q| {
-                block::process(q, cx.mem, &self.disk, BUDGET)
-            }),
-            None => Ok(()),
-        }
-    }
-    fn reset(&self) {
-        // A flush that failed fails every later one only until the driver starts over.
-        self.disk.reset();
-    }
-}
-
-/// virtio-rng from getrandom, optionally rate-limited.
-pub struct RngModel {
-    limit: Mutex<Option<RateLimit>>,
-}
-
-impl RngModel {
-    pub fn new(rate: Option<u64>) -> RngModel {
-        RngModel {
-            limit: Mutex::new(Rank::Leaf, rate.map(RateLimit::new)),
-        }
-    }
-}
-
-impl Served for RngModel {
-    fn name(&self) -> &'static str {
-        "rng"
-    }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn features(&self) -> u64 {
-        crate::devices::virtio::VIRTIO_F_VERSION_1
-    }
-    fn handle(&self, event: u16, cx: &Ctx<'_>) -> std::io::Result<()> {
-        let Some(v) = cx.vrings.get(usize::from(event)) else {
-            return Ok(());
-        };
-        let mut l = self.limit.lock();
-        serve_simple(v, cx.mem, cx.event_idx, event, |q| {
-            rng::fill(q, cx.mem, l.as_mut(), BUDGET)
-        })
     }
 }
 
@@ -293,13 +84,15 @@ fn check_sealed(mem: &GuestMem) -> Result<(), String> {
 
 /// The vhost-user-backend side of a [`Served`] model.
 pub struct Backend {
+    /// The kind's key, for logs.
+    name: &'static str,
     model: Box<dyn Served>,
     /// `--allow-unsealed-memory`: trust the front end not to shrink guest memory.
     unsealed_ok: bool,
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
     exit: (EventConsumer, EventNotifier),
-    listeners: Listeners,
+    listeners: EpollListeners,
 }
 
 impl VhostUserBackend for Backend {
@@ -307,16 +100,17 @@ impl VhostUserBackend for Backend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.model.num_queues()
+        usize::from(self.model.virtio().queues())
     }
     fn max_queue_size(&self) -> usize {
-        256
+        let sizes = self.model.virtio().queue_sizes;
+        usize::from(sizes.iter().copied().max().unwrap_or(256))
     }
     fn features(&self) -> u64 {
         self.model.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
     fn acked_features(&self, features: u64) {
-        log::debug!("vhost-user {}: features {features:#x}", self.model.name());
+        log::debug!("vhost-user {}: features {features:#x}", self.name);
         self.model.acked_features(features);
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -330,18 +124,14 @@ impl VhostUserBackend for Backend {
     }
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut out = vec![0u8; size as usize];
-        crate::devices::virtio::read_config_bytes(
-            &self.model.config(),
-            u64::from(offset),
-            &mut out,
-        );
+        crate::hw::virtio::read_config_bytes(&self.model.config(), u64::from(offset), &mut out);
         out
     }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
         if !self.unsealed_ok
             && let Err(why) = check_sealed(&mem.memory())
         {
-            log::error!("vhost-user {}: {why}", self.model.name());
+            log::error!("vhost-user {}: {why}", self.name);
             return Err(std::io::Error::other(why));
         }
         *self.mem.lock() = Some(mem);
@@ -357,10 +147,7 @@ impl VhostUserBackend for Backend {
         vrings: &[Self::Vring],
         _thread: usize,
     ) -> std::io::Result<()> {
-        log::trace!(
-            "vhost-user {}: event {device_event} ({evset:?})",
-            self.model.name()
-        );
+        log::trace!("vhost-user {}: event {device_event} ({evset:?})", self.name);
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
@@ -380,20 +167,21 @@ impl VhostUserBackend for Backend {
 
 /// Serves `model` on the vhost-user socket at `socket` until the front end disconnects.
 pub fn serve(
+    name: &'static str,
     model: Box<dyn Served>,
     socket: &std::path::Path,
     unsealed_ok: bool,
 ) -> Result<(), ServeError> {
-    let name = model.name();
     let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK)
         .map_err(|e| ServeError::Daemon(format!("eventfd: {e}")))?;
     let backend = Arc::new(Backend {
+        name,
         model,
         unsealed_ok,
         mem: Mutex::new(Rank::Leaf, None),
         event_idx: AtomicBool::new(false),
         exit,
-        listeners: Listeners {
+        listeners: EpollListeners {
             handler: OnceLock::new(),
         },
     });
@@ -407,7 +195,11 @@ pub fn serve(
     log::info!("serving {name} on {}", socket.display());
     eprintln!("vmm device {name}: listening on {}", socket.display());
     if backend.model.relay_early_enables() {
-        serve_relayed(&mut daemon, socket, backend.model.num_queues() as u32)?;
+        serve_relayed(
+            &mut daemon,
+            socket,
+            u32::from(backend.model.virtio().queues()),
+        )?;
     } else {
         daemon
             .serve(socket)

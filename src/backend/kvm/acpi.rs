@@ -25,7 +25,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 
-use crate::devices::DeviceKind;
+use crate::contract::PlatformFact;
 use crate::graph::layout;
 use crate::graph::{DeviceGraph, DeviceNode, Placement};
 
@@ -186,12 +186,17 @@ fn seal(mut t: Vec<u8>) -> Vec<u8> {
 
 /// FADT (signature FACP): hardware-reduced ACPI with sleep registers and the DSDT.
 fn fadt(graph: &DeviceGraph, dsdt_addr: u64) -> Vec<u8> {
-    let has = |kind| graph.devices.iter().any(|d| d.kind == kind);
+    let has = |fact| {
+        graph
+            .devices
+            .iter()
+            .any(|d| d.kind.info().platform.contains(&fact))
+    };
     let mut boot_arch = BOOT_ARCH_VGA_NOT_PRESENT;
-    if has(DeviceKind::I8042) {
+    if has(PlatformFact::Ps2Controller) {
         boot_arch |= BOOT_ARCH_8042;
     }
-    if !has(DeviceKind::Rtc) {
+    if !has(PlatformFact::CmosRtc) {
         boot_arch |= BOOT_ARCH_NO_CMOS_RTC;
     }
     let sleep_reg = |port: u16| {
@@ -482,7 +487,13 @@ fn motherboard_resources() -> Vec<u8> {
 /// The ACPI devices (name, AML) describing a device on the legacy I/O port bus; none for a PCI
 /// device (bus 0 is enumerated, not described).
 fn legacy_device(d: &DeviceNode) -> Result<Vec<(String, Vec<u8>)>, AcpiError> {
-    let Placement::Pio { label, ports, irqs } = &d.placement else {
+    let Placement::Pio {
+        label,
+        ports,
+        irqs,
+        acpi,
+    } = &d.placement
+    else {
         return Ok(Vec::new());
     };
     let err = |reason: String| AcpiError::Device {
@@ -504,41 +515,36 @@ fn legacy_device(d: &DeviceNode) -> Result<Vec<(String, Vec<u8>)>, AcpiError> {
             .ok_or_else(|| err(format!("placement {label} has no IRQ #{i}")))?;
         IrqNoFlags::new(&d.name, *n)
     };
-    fn with<'a>(io: &'a [aml::IO], extra: &[&'a dyn Aml]) -> Vec<&'a dyn Aml> {
-        io.iter()
-            .map(|r| r as &dyn Aml)
-            .chain(extra.iter().copied())
-            .collect()
+    if acpi.is_empty() {
+        return Err(err(format!(
+            "{} devices on the I/O port bus ({label}) have no ACPI description",
+            d.kind
+        )));
     }
-    Ok(match d.kind {
-        DeviceKind::Serial => {
-            let n = label
-                .strip_prefix("com")
-                .and_then(|n| n.parse::<u8>().ok())
-                .filter(|n| (1..=9).contains(n))
-                .ok_or_else(|| err(format!("unknown serial placement {label}")))?;
-            // One digit, so the name has the 4 characters AML names need.
-            let name = format!("COM{n}");
-            let dev = acpi_device(&name, "PNP0501", Some(n), with(&io, &[&irq(0)?]));
-            vec![(name, dev)]
-        }
-        DeviceKind::Rtc => {
-            let dev = acpi_device("RTC_", "PNP0B00", None, with(&io, &[&irq(0)?]));
-            vec![("RTC_".to_string(), dev)]
-        }
-        DeviceKind::I8042 => {
-            // The controller's ports and keyboard IRQ on the keyboard; the aux port (mouse) has
-            // only its IRQ, as on PCs.
-            let kbd = acpi_device("KBD_", "PNP0303", None, with(&io, &[&irq(0)?]));
-            let mou = acpi_device("MOU_", "PNP0F13", None, vec![&irq(1)?]);
-            vec![("KBD_".to_string(), kbd), ("MOU_".to_string(), mou)]
-        }
-        other => {
+    let mut out = Vec::new();
+    for node in acpi.iter() {
+        if node.name.len() != 4 {
             return Err(err(format!(
-                "{other} devices on the I/O port bus ({label})"
+                "ACPI name {:?} is not 4 characters",
+                node.name
             )));
         }
-    })
+        let irqs: Vec<IrqNoFlags> = node
+            .irqs
+            .iter()
+            .map(|&i| irq(i))
+            .collect::<Result<_, _>>()?;
+        let mut res: Vec<&dyn Aml> = Vec::new();
+        if node.ports {
+            res.extend(io.iter().map(|r| r as &dyn Aml));
+        }
+        res.extend(irqs.iter().map(|r| r as &dyn Aml));
+        out.push((
+            node.name.to_string(),
+            acpi_device(node.name, node.hid, node.uid, res),
+        ));
+    }
+    Ok(out)
 }
 
 /// `Device (name) { _HID, [_UID], _CRS }`. `name` has 4 characters (callers pass constants or

@@ -26,9 +26,9 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory};
 
 use super::memory::GuestMem;
+use crate::contract::units::human_size;
 use crate::graph::DeviceGraph;
 use crate::graph::layout::{HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START};
-use crate::spec::units::human_size;
 
 pub const GDT_ADDR: u64 = 0x500;
 pub const IDT_ADDR: u64 = 0x520;

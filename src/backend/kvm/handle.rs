@@ -11,8 +11,8 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::{Bus, SharedDevice};
-use crate::devices::{DeviceError, MsiVector, VmHandle};
+use crate::hw::bus::{Bus, SharedDevice};
+use crate::hw::{DeviceError, MsiVector, VmHandle};
 use crate::sync::{Mutex, Rank, RwLock};
 
 /// IOAPIC pins of KVM's in-kernel IOAPIC; MSI vectors get the GSIs above.

@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::devices::bus::{Bus, SharedDevice};
-use crate::devices::char_io::{CharInput, CharIo, CharOut};
-use crate::devices::hotplug::Hotplug;
-use crate::devices::pci::{PciRoot, SharedFunction};
-use crate::devices::virtio::GuestMem;
-use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::graph::{DeviceNode, Placement};
+use crate::hw::bus::{Bus, SharedDevice};
+use crate::hw::char_io::{CharInput, CharIo, CharOut};
+use crate::hw::hotplug::Hotplug;
+use crate::hw::pci::{PciRoot, SharedFunction};
+use crate::hw::virtio::GuestMem;
+use crate::hw::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::sync::{Mutex, RwLock};
 
 use super::handle::{Handle, KvmHandle};
@@ -102,7 +102,7 @@ impl LiveVm {
             slot,
             added: None,
         };
-        node.spec.spec().build(&node.placement, &mut m)?;
+        node.spec.device().build(&node.placement, &mut m)?;
         if m.added.is_none() {
             return Err(DeviceError(format!(
                 "`{}` added no PCI function",

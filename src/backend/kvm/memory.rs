@@ -4,8 +4,8 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::contract::units::human_size;
 use crate::graph::DeviceGraph;
-use crate::spec::units::human_size;
 
 pub type GuestMem = GuestMemoryMmap<()>;
 

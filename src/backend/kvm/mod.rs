@@ -27,17 +27,17 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::terminal::{EscapeDecoder, RawMode};
-use crate::devices::bus::{Bus, SharedDevice};
-use crate::devices::char_io::{self, CharInput, CharIo, CharOut, SocketGuard};
-use crate::devices::hotplug::{Hotplug, HotplugPorts};
-use crate::devices::pci::{PciConfigIo, PciEcam, PciRoot, SharedFunction};
-use crate::devices::platform::AcpiPm;
-use crate::devices::virtio::GuestMem;
-use crate::devices::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::graph::DeviceGraph;
 use crate::graph::layout::{
     ACPI_PM_PIO, IOAPIC_START, PCI_CONFIG_PIO, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_HOTPLUG_PIO,
 };
+use crate::hw::bus::{Bus, SharedDevice};
+use crate::hw::char_io::{self, CharInput, CharIo, CharOut, SocketGuard};
+use crate::hw::hotplug::{Hotplug, HotplugPorts};
+use crate::hw::pci::{PciConfigIo, PciEcam, PciRoot, SharedFunction};
+use crate::hw::platform::AcpiPm;
+use crate::hw::virtio::GuestMem;
+use crate::hw::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::sync::{Mutex, Rank, RwLock};
 use handle::{Handle, IOAPIC_PINS, KvmHandle};
 pub use live::LiveVm;
@@ -370,7 +370,7 @@ pub fn run_with(
         })?;
     for d in &graph.devices {
         d.spec
-            .spec()
+            .device()
             .build(&d.placement, &mut b)
             .map_err(|source| VmError::Device {
                 name: d.name.clone(),

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::Bus;
-use crate::devices::{VmControl, VmRequest};
+use crate::hw::bus::Bus;
+use crate::hw::{VmControl, VmRequest};
 use crate::sync::{Mutex, Rank, RwLock};
 
 /// How a VM ended.

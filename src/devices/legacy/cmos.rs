@@ -6,8 +6,11 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement};
-use crate::spec::units::DeviceName;
+use crate::contract::units::DeviceName;
+use crate::contract::{
+    AcpiNode, DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement, PlatformFact,
+};
+use crate::devices::Device;
 
 /// The CMOS RTC. Write `[[rtc]]` to give the machine one.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -18,38 +21,53 @@ pub struct RtcSpec {
     pub name: Option<DeviceName>,
 }
 
-const PLACEMENT: PioPlacement = PioPlacement {
+static PLACEMENT: [PioPlacement; 1] = [PioPlacement {
     label: "cmos",
     ports: &[(0x70, 2)],
     irqs: &[8],
-};
+    acpi: &[AcpiNode {
+        name: "RTC_",
+        hid: "PNP0B00",
+        uid: None,
+        ports: true,
+        irqs: &[0],
+    }],
+}];
 
 impl DeviceKindInfo for RtcSpec {
     const INFO: KindInfo = KindInfo {
+        key: "rtc",
+        noun: "real-time clock",
         hotpluggable: false,
         max_count: Some(1),
+        aliases: &["cmos", "clock"],
+        platform: &[PlatformFact::CmosRtc],
+        vhost_user: None,
     };
 }
 
 impl DeviceSpec for RtcSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Rtc
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_ref().map_or("rtc", |n| n.as_str())
     }
     fn needs(&self) -> Needs {
-        Needs::Pio(vec![PLACEMENT])
+        Needs::Pio(&PLACEMENT)
     }
+}
+
+impl Device for RtcSpec {
     fn build(
         &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
         let (below, above) = m.ram();
         let base = match at {
-            crate::graph::Placement::Pio { ports, .. } => ports[0],
-            _ => (PLACEMENT.ports[0].0, PLACEMENT.ports[0].1),
+            crate::contract::Placement::Pio { ports, .. } => ports[0],
+            _ => PLACEMENT[0].ports[0],
         };
         let dev = std::sync::Arc::new(crate::sync::Mutex::new(
             crate::sync::Rank::BusDevice,
@@ -65,7 +83,7 @@ impl DeviceSpec for RtcSpec {
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::devices::bus::BusDevice;
+use crate::hw::bus::BusDevice;
 
 /// Size of the NVRAM, registers included.
 const NVRAM_SIZE: usize = 128;

@@ -6,8 +6,11 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement};
-use crate::spec::units::DeviceName;
+use crate::contract::units::DeviceName;
+use crate::contract::{
+    AcpiNode, DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement, PlatformFact,
+};
+use crate::devices::Device;
 
 /// The i8042 controller. Write `[[i8042]]` to give the machine one.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -18,41 +21,67 @@ pub struct I8042Spec {
     pub name: Option<DeviceName>,
 }
 
-const PLACEMENT: PioPlacement = PioPlacement {
+/// The controller's ports and keyboard IRQ on the keyboard's ACPI node; the aux port (mouse)
+/// has only its IRQ, as on PCs.
+static PLACEMENT: [PioPlacement; 1] = [PioPlacement {
     label: "i8042",
     ports: &[(0x60, 1), (0x64, 1)],
     irqs: &[1, 12],
-};
+    acpi: &[
+        AcpiNode {
+            name: "KBD_",
+            hid: "PNP0303",
+            uid: None,
+            ports: true,
+            irqs: &[0],
+        },
+        AcpiNode {
+            name: "MOU_",
+            hid: "PNP0F13",
+            uid: None,
+            ports: false,
+            irqs: &[1],
+        },
+    ],
+}];
 
 impl DeviceKindInfo for I8042Spec {
     const INFO: KindInfo = KindInfo {
+        key: "i8042",
+        noun: "keyboard controller",
         hotpluggable: false,
         max_count: Some(1),
+        aliases: &["keyboard", "ps2", "kbd"],
+        platform: &[PlatformFact::Ps2Controller],
+        vhost_user: None,
     };
 }
 
 impl DeviceSpec for I8042Spec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::I8042
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_ref().map_or("i8042", |n| n.as_str())
     }
     fn needs(&self) -> Needs {
-        Needs::Pio(vec![PLACEMENT])
+        Needs::Pio(&PLACEMENT)
     }
+}
+
+impl Device for I8042Spec {
     fn build(
         &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
         let (ports, irqs) = match at {
-            crate::graph::Placement::Pio { ports, irqs, .. } => (ports.clone(), irqs.clone()),
-            _ => (PLACEMENT.ports.to_vec(), PLACEMENT.irqs.to_vec()),
+            crate::contract::Placement::Pio { ports, irqs, .. } => (ports.clone(), irqs.clone()),
+            _ => (PLACEMENT[0].ports.to_vec(), PLACEMENT[0].irqs.to_vec()),
         };
         let kbd = m.irq_line(irqs[0])?;
         let aux = m.irq_line(irqs[1])?;
-        let dev: crate::devices::bus::SharedDevice = std::sync::Arc::new(crate::sync::Mutex::new(
+        let dev: crate::hw::bus::SharedDevice = std::sync::Arc::new(crate::sync::Mutex::new(
             crate::sync::Rank::BusDevice,
             I8042::new(kbd, aux, m.vm_control()),
         ));
@@ -70,8 +99,8 @@ impl DeviceSpec for I8042Spec {
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::devices::bus::BusDevice;
-use crate::devices::{Irq, VmControl, VmRequest};
+use crate::hw::bus::BusDevice;
+use crate::hw::{Irq, VmControl, VmRequest};
 
 /// Data port: output buffer (read), input buffer to the keyboard or a command's argument (write).
 pub const DATA_PORT: u64 = 0x60;

@@ -6,12 +6,13 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::char_io::CharIo;
-use crate::devices::{
-    DeviceError, DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement,
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::DeviceName;
+use crate::contract::{
+    AcpiNode, DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, PioPlacement,
 };
-use crate::spec::units::DeviceName;
-use crate::validate::DeviceCheck;
+use crate::devices::Device;
+use crate::hw::char_io::CharIo;
 
 /// A 16550A serial port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -40,61 +41,84 @@ pub enum ComPort {
     Com4,
 }
 
-pub const COM_PORTS: [PioPlacement; 4] = [
+/// The four placements, each with its ACPI node (PNP0501, `_UID` = the port's number).
+pub static COM_PORTS: [PioPlacement; 4] = [
     PioPlacement {
         label: "com1",
         ports: &[(0x3f8, 8)],
         irqs: &[4],
+        acpi: &[uart("COM1", 1)],
     },
     PioPlacement {
         label: "com2",
         ports: &[(0x2f8, 8)],
         irqs: &[3],
+        acpi: &[uart("COM2", 2)],
     },
     PioPlacement {
         label: "com3",
         ports: &[(0x3e8, 8)],
         irqs: &[4],
+        acpi: &[uart("COM3", 3)],
     },
     PioPlacement {
         label: "com4",
         ports: &[(0x2e8, 8)],
         irqs: &[3],
+        acpi: &[uart("COM4", 4)],
     },
 ];
 
+const fn uart(name: &'static str, uid: u8) -> AcpiNode {
+    AcpiNode {
+        name,
+        hid: "PNP0501",
+        uid: Some(uid),
+        ports: true,
+        irqs: &[0],
+    }
+}
+
 impl DeviceKindInfo for SerialSpec {
     const INFO: KindInfo = KindInfo {
+        key: "serial",
+        noun: "serial port",
         hotpluggable: false,
         max_count: Some(4),
+        aliases: &["uart", "com", "serials"],
+        platform: &[],
+        vhost_user: None,
     };
 }
 
 impl DeviceSpec for SerialSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Serial
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_str()
     }
     fn needs(&self) -> Needs {
         match self.port {
-            Some(p) => Needs::Pio(vec![COM_PORTS[p as usize].clone()]),
-            None => Needs::Pio(COM_PORTS.to_vec()),
+            Some(p) => Needs::Pio(std::slice::from_ref(&COM_PORTS[p as usize])),
+            None => Needs::Pio(&COM_PORTS),
         }
     }
-    fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
+    fn check(&self, cx: &mut dyn DeviceCheck) {
         self.io.check(cx, "io");
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         vec![("io", self.io.describe())]
     }
+}
+
+impl Device for SerialSpec {
     fn build(
         &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
     ) -> Result<(), DeviceError> {
-        let crate::graph::Placement::Pio { ports, irqs, .. } = at else {
+        let crate::contract::Placement::Pio { ports, irqs, .. } = at else {
             return Err(DeviceError(format!(
                 "serial `{}` needs a legacy I/O port placement",
                 self.name
@@ -121,9 +145,9 @@ use crate::sync::{Mutex, MutexGuard, Rank};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
-use crate::devices::Irq;
-use crate::devices::bus::BusDevice;
-use crate::devices::char_io::{CharInput, CharOut};
+use crate::hw::Irq;
+use crate::hw::bus::BusDevice;
+use crate::hw::char_io::{CharInput, CharOut};
 
 /// Raises the UART's interrupt line.
 pub struct IrqTrigger(pub Arc<dyn Irq>);

@@ -21,6 +21,7 @@
 
 mod chain;
 mod rx;
+mod served;
 mod tap;
 #[cfg(test)]
 mod testing;
@@ -33,6 +34,7 @@ pub use chain::{
     VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, is_host_fault,
 };
 pub use rx::{RxOffloads, RxOutcome, RxStop, fix_rx_header, rx};
+pub use served::NetModel;
 pub use tap::{TUN_PATH, Tap};
 pub use tx::{TxOutcome, TxStop, tx};
 pub use worker::spawn_worker;
@@ -40,12 +42,21 @@ pub use worker::spawn_worker;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs};
-use crate::spec::units::{DeviceName, MacAddr, PciSlot};
-use crate::validate::DeviceCheck;
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::{DeviceName, MacAddr, PciSlot};
+use crate::contract::{
+    DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, ServedInfo, VirtioInfo,
+};
+use crate::devices::Device;
+use crate::hw::served::Served;
 
-/// virtio device type of network devices.
-pub const VIRTIO_ID_NET: u16 = 1;
+/// What a virtio network device is: type 1, receiveq and transmitq (no control queue, no
+/// multiqueue), PCI class network controller.
+pub const VIRTIO: VirtioInfo = VirtioInfo {
+    device_type: 1,
+    queue_sizes: &[QUEUE_SIZE, QUEUE_SIZE],
+    pci_class: (0x02, 0x00),
+};
 
 /// A virtio network device on a host TAP interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -55,6 +66,8 @@ pub struct NetSpec {
     pub name: DeviceName,
     /// Host TAP interface, e.g. "tap0": opened if it exists, created if not.
     #[schemars(regex(pattern = r"^[A-Za-z0-9_.-]{1,15}$"))]
+    #[schemars(extend("x-invalid" = "is not a TAP interface name"))]
+    #[schemars(extend("x-help" = "TAP names have 1–15 characters: letters, digits, `_`, `.` and `-`"))]
     pub tap: String,
     /// Guest MAC address; derived from the machine and device names when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,14 +87,23 @@ impl NetSpec {
 
 impl DeviceKindInfo for NetSpec {
     const INFO: KindInfo = KindInfo {
+        key: "net",
+        noun: "NIC",
         hotpluggable: true,
         max_count: None,
+        aliases: &["nic", "nics", "network", "netdev", "tap"],
+        platform: &[],
+        vhost_user: Some(ServedInfo {
+            front_end: "QEMU: -netdev vhost-user with -device virtio-net-pci",
+            front_end_keys: &["mac"],
+            defaults: &[],
+        }),
     };
 }
 
 impl DeviceSpec for NetSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Net
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_str()
@@ -90,12 +112,9 @@ impl DeviceSpec for NetSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci {
-            device_type: VIRTIO_ID_NET,
-            queues: 2,
-        }
+        Needs::VirtioPci(&VIRTIO)
     }
-    fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
+    fn check(&self, cx: &mut dyn DeviceCheck) {
         cx.claim(
             "TAP interface",
             self.tap.clone(),
@@ -108,7 +127,10 @@ impl DeviceSpec for NetSpec {
                 cx.error("mac", format!("MAC {m} is a multicast address"))
                     .help("the first byte must be even; locally administered unicast MACs start with 02");
             } else if m.0 == [0; 6] {
-                cx.error("mac", "MAC 00:00:00:00:00:00 is not a usable address");
+                cx.error(
+                    "mac",
+                    "MAC 00:00:00:00:00:00 is not a usable address".into(),
+                );
             }
         }
         let (field, help) = if self.mac.is_some() {
@@ -118,15 +140,6 @@ impl DeviceSpec for NetSpec {
         };
         cx.claim("MAC", mac.to_string(), field, help);
     }
-    fn build(
-        &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
-        let mac = self.effective_mac(m.machine_name());
-        let dev = Net::new(&self.tap, mac.0)?;
-        crate::devices::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
-    }
     fn describe(&self, machine: &str) -> Vec<(&'static str, String)> {
         vec![
             ("tap", self.tap.clone()),
@@ -135,13 +148,33 @@ impl DeviceSpec for NetSpec {
     }
 }
 
+impl Device for NetSpec {
+    fn build(
+        &self,
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
+        let mac = self.effective_mac(m.machine_name());
+        let dev = Net::new(&self.tap, mac.0)?;
+        crate::hw::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
+    }
+    /// The MAC address and link status are the front end's (QEMU's `-device
+    /// virtio-net-pci,mac=`); `mac` is not used.
+    fn served(&self, _base: &std::path::Path) -> Option<Result<Box<dyn Served>, DeviceError>> {
+        Some(
+            NetModel::open(&self.tap)
+                .map(|m| Box::new(m) as Box<dyn Served>)
+                .map_err(|e| DeviceError(e.to_string())),
+        )
+    }
+}
+
 // ---- The device model -----------------------------------------------------------------------
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
-use crate::devices::DeviceError;
-use crate::devices::virtio::{
+use crate::hw::virtio::{
     ActivateError, Activation, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1, VirtioDevice, WorkerSlot, read_config_bytes,
 };
@@ -289,11 +322,8 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u16 {
-        VIRTIO_ID_NET
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; 2]
+    fn virtio(&self) -> &'static VirtioInfo {
+        &VIRTIO
     }
     fn features(&self) -> u64 {
         FEATURES
@@ -344,7 +374,7 @@ mod tests {
 
     use super::testing::*;
     use super::*;
-    use crate::devices::virtio::GuestMem;
+    use crate::hw::virtio::GuestMem;
 
     #[test]
     fn features_and_config() {

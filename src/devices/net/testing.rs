@@ -15,8 +15,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{FEATURES, VNET_HDR_LEN};
-use crate::devices::Irq;
-use crate::devices::virtio::{Activation, ActiveQueue, GuestMem, NeedsReset};
+use crate::hw::Irq;
+use crate::hw::virtio::{Activation, ActiveQueue, GuestMem, NeedsReset};
 
 pub const NEXT: u16 = 1;
 pub const WRITE: u16 = 2;

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use virtio_queue::QueueT;
 
 use super::{NetState, RxOffloads, RxStop, TxStop, VIRTIO_NET_S_LINK_UP, rx, tx};
-use crate::devices::Irq;
-use crate::devices::virtio::{
+use crate::hw::Irq;
+use crate::hw::virtio::{
     ActivateError, Activation, ActiveQueue, GuestMem, NeedsReset, STOP_TOKEN, Worker, WorkerHandle,
     drain, notify,
 };

@@ -6,13 +6,25 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::char_io::CharIo;
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs};
-use crate::spec::units::{DeviceName, PciSlot};
-use crate::validate::DeviceCheck;
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::{DeviceName, PciSlot};
+use crate::contract::{
+    DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, ServedInfo, VirtioInfo,
+};
+use crate::devices::Device;
+use crate::hw::char_io::CharIo;
+use crate::hw::served::Served;
 
-/// virtio device type of consoles.
-pub const VIRTIO_ID_CONSOLE: u16 = 3;
+mod served;
+pub use served::ConsoleModel;
+
+/// What a virtio console is: type 3, receiveq and transmitq of port 0 (no multiport), PCI
+/// class "communication, other".
+pub const VIRTIO: VirtioInfo = VirtioInfo {
+    device_type: 3,
+    queue_sizes: &[QUEUE_SIZE, QUEUE_SIZE],
+    pci_class: (0x07, 0x80),
+};
 
 /// A virtio console.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -29,14 +41,23 @@ pub struct ConsoleSpec {
 
 impl DeviceKindInfo for ConsoleSpec {
     const INFO: KindInfo = KindInfo {
+        key: "console",
+        noun: "console",
         hotpluggable: false,
         max_count: None,
+        aliases: &["hvc", "virtio-console", "consoles"],
+        platform: &[],
+        vhost_user: Some(ServedInfo {
+            front_end: "no stock QEMU front end; a vhost-user virtio-console front end",
+            front_end_keys: &[],
+            defaults: &[("io", "stdio")],
+        }),
     };
 }
 
 impl DeviceSpec for ConsoleSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Console
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_str()
@@ -45,29 +66,36 @@ impl DeviceSpec for ConsoleSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        // receiveq and transmitq of port 0 (no multiport).
-        Needs::VirtioPci {
-            device_type: VIRTIO_ID_CONSOLE,
-            queues: 2,
-        }
+        Needs::VirtioPci(&VIRTIO)
     }
-    fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
+    fn check(&self, cx: &mut dyn DeviceCheck) {
         self.io.check(cx, "io");
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         vec![("io", self.io.describe())]
     }
+}
+
+impl Device for ConsoleSpec {
     fn build(
         &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
-        let input = Arc::new(ConsoleInput::new(INPUT_LIMIT).map_err(|e| {
-            crate::devices::DeviceError(format!("console `{}`: eventfd: {e}", self.name))
-        })?);
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
+        let input = Arc::new(
+            ConsoleInput::new(INPUT_LIMIT)
+                .map_err(|e| DeviceError(format!("console `{}`: eventfd: {e}", self.name)))?,
+        );
         let out = m.open_char(self.name.as_str(), &self.io, input.clone())?;
         let dev = Console::new(out, input, matches!(self.io, CharIo::Stdio));
-        crate::devices::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
+        crate::hw::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
+    }
+    fn served(&self, base: &std::path::Path) -> Option<Result<Box<dyn Served>, DeviceError>> {
+        Some(
+            ConsoleModel::open(&self.io.resolved(base))
+                .map(|m| Box::new(m) as Box<dyn Served>)
+                .map_err(|e| DeviceError(e.to_string())),
+        )
     }
 }
 
@@ -84,8 +112,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::char_io::{CharInput, CharOut};
-use crate::devices::virtio::{
+use crate::hw::char_io::{CharInput, CharOut};
+use crate::hw::virtio::{
     ActivateError, Activation, ActiveQueue, BUDGET, GuestMem, NeedsReset, STOP_TOKEN, Stop,
     VIRTIO_F_VERSION_1, VirtioDevice, Worker, WorkerHandle, WorkerSlot, drain, notify,
     read_config_bytes,
@@ -314,11 +342,8 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u16 {
-        VIRTIO_ID_CONSOLE
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
+    fn virtio(&self) -> &'static VirtioInfo {
+        &VIRTIO
     }
     fn features(&self) -> u64 {
         VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_SIZE | VIRTIO_CONSOLE_F_EMERG_WRITE
@@ -448,7 +473,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    use crate::devices::Irq;
+    use crate::hw::Irq;
 
     const NEXT: u16 = 1;
     const WRITE: u16 = 2;
@@ -790,8 +815,8 @@ mod tests {
     #[test]
     fn config_space_reads() {
         let c = console(CharOut::Sink);
-        assert_eq!(c.device_type(), VIRTIO_ID_CONSOLE);
-        assert_eq!(c.queue_max_sizes(), [QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(c.virtio().device_type, 3);
+        assert_eq!(c.virtio().queue_sizes, [QUEUE_SIZE, QUEUE_SIZE]);
         let f = c.features();
         assert_ne!(f & VIRTIO_F_VERSION_1, 0);
         assert_ne!(f & VIRTIO_CONSOLE_F_SIZE, 0);

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use crate::devices::bus::BusDevice;
-use crate::devices::{VmControl, VmRequest};
+use crate::hw::bus::BusDevice;
+use crate::hw::{VmControl, VmRequest};
 
 /// Offsets in the ACPI PM range.
 pub const SLEEP_CONTROL: u64 = 0;

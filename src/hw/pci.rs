@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::devices::bus::BusDevice;
+use crate::hw::bus::BusDevice;
 use crate::sync::{Mutex, Rank};
 
 /// Standard configuration space size, and the PCIe extended size (reachable through ECAM).

@@ -17,8 +17,8 @@
 
 use std::sync::Arc;
 
-use crate::devices::Irq;
-use crate::devices::bus::BusDevice;
+use crate::hw::Irq;
+use crate::hw::bus::BusDevice;
 use crate::sync::{Mutex, MutexGuard, Rank};
 
 pub const REG_UP: u64 = 0x0;

@@ -14,7 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::Irq;
+use crate::hw::Irq;
 
 pub type GuestMem = GuestMemoryMmap<()>;
 
@@ -63,10 +63,8 @@ pub struct Activation {
 
 /// A virtio device model.
 pub trait VirtioDevice: Send {
-    /// virtio device type (section 5).
-    fn device_type(&self) -> u16;
-    /// Maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// What the device is: type, queues and their sizes, PCI class (declared once per kind).
+    fn virtio(&self) -> &'static crate::contract::VirtioInfo;
     /// Offered features, VIRTIO_F_VERSION_1 included.
     fn features(&self) -> u64;
     /// Reads the device configuration space.

@@ -15,11 +15,11 @@ use virtio_queue::QueueT;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use super::{Ctx, Listeners, Served, signal};
-use crate::devices::net::{
+use super::{
     FEATURES, NetState, RX_QUEUE, RxOffloads, RxStop, TX_QUEUE, Tap, TxStop, VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_STATUS, rx, tx,
 };
+use crate::hw::served::{Ctx, Listeners, Served, signal};
 
 /// Event number of the TAP in the daemon's loop (above the two queues and the exit event).
 const TAP_EVENT: u16 = 3;
@@ -55,7 +55,7 @@ impl NetModel {
         })
     }
 
-    fn watch_tap(&self, l: &Listeners, on: bool) {
+    fn watch_tap(&self, l: &dyn Listeners, on: bool) {
         if self.tap_watched.swap(on, Ordering::SeqCst) == on {
             return;
         }
@@ -73,7 +73,7 @@ impl NetModel {
 
     /// The TAP failed for good (deleted interface): stop reading it; transmit chains are
     /// completed and dropped from now on.
-    fn fault(&self, l: &Listeners, e: &std::io::Error) {
+    fn fault(&self, l: &dyn Listeners, e: &std::io::Error) {
         self.watch_tap(l, false);
         if !self.state.faulted.swap(true, Ordering::SeqCst) {
             log::warn!(
@@ -177,11 +177,8 @@ impl NetModel {
 }
 
 impl Served for NetModel {
-    fn name(&self) -> &'static str {
-        "net"
-    }
-    fn num_queues(&self) -> usize {
-        2
+    fn virtio(&self) -> &'static crate::contract::VirtioInfo {
+        &super::VIRTIO
     }
     fn features(&self) -> u64 {
         // MAC and STATUS live in the front end's configuration space.

@@ -21,13 +21,15 @@ use std::sync::{Arc, Weak};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::BusDevice;
-use crate::devices::pci::{ConfigSpace, PciFunction};
-use crate::devices::virtio::{
+use crate::contract::VirtioInfo;
+use crate::hw::bus::BusDevice;
+use crate::hw::msix::{self, Msix};
+use crate::hw::pci::{ConfigSpace, PciFunction};
+use crate::hw::virtio::{
     Activation, ActiveQueue, GuestMem, NeedsReset, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK,
     STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1, VirtioDevice,
 };
-use crate::devices::{Irq, MsiVector, VmHandle};
+use crate::hw::{Irq, VmHandle};
 use crate::sync::{Mutex, Rank};
 
 /// PCI vendor ID of virtio devices.
@@ -68,55 +70,6 @@ const CAP_PCI_CFG: u8 = 0x84;
 const CAP_MSIX: u8 = 0x98;
 const MSIX_CONTROL: usize = CAP_MSIX as usize + 2;
 const PCI_CFG_DATA: usize = CAP_PCI_CFG as usize + 16;
-
-/// PCI class codes by virtio device type (class, subclass).
-fn class_of(device_type: u16) -> (u8, u8) {
-    match device_type {
-        1 => (0x02, 0x00), // network controller
-        2 => (0x01, 0x00), // mass storage (SCSI)
-        3 => (0x07, 0x80), // communication, other
-        _ => (0xff, 0x00),
-    }
-}
-
-/// MSI-X vectors, their table and pending bits.
-struct Msix {
-    vectors: Vec<Arc<dyn MsiVector>>,
-    /// (address, data, masked) as the guest wrote them.
-    table: Vec<(u64, u32, bool)>,
-    pending: Vec<bool>,
-    enabled: bool,
-    function_masked: bool,
-}
-
-impl Msix {
-    fn deliverable(&self, v: usize) -> bool {
-        self.enabled && !self.function_masked && self.table.get(v).is_some_and(|e| !e.2)
-    }
-
-    /// Delivers vector `v`, or marks it pending while masked.
-    fn fire(&mut self, v: u16) {
-        let v = v as usize;
-        if v >= self.vectors.len() {
-            return;
-        }
-        if self.deliverable(v) {
-            self.vectors[v].trigger();
-        } else {
-            self.pending[v] = true;
-        }
-    }
-
-    /// Delivers what became deliverable (after an unmask or enable).
-    fn flush_pending(&mut self) {
-        for v in 0..self.vectors.len() {
-            if self.pending[v] && self.deliverable(v) {
-                self.pending[v] = false;
-                self.vectors[v].trigger();
-            }
-        }
-    }
-}
 
 /// Per-queue transport state.
 struct QueueState {
@@ -206,7 +159,8 @@ impl VirtioPci {
         mem: GuestMem,
         bar_addr: u64,
     ) -> Result<Arc<Mutex<VirtioPci>>, String> {
-        let sizes = device.queue_max_sizes();
+        let info = device.virtio();
+        let sizes = info.queue_sizes;
         let nq = sizes.len().min(MAX_QUEUES as usize);
         let (_, nvec) = resources(nq as u16);
         let mut vectors = Vec::new();
@@ -224,22 +178,13 @@ impl VirtioPci {
             });
         }
         let irq = Arc::new(IrqState {
-            msix: Mutex::new(
-                Rank::VirtioIrq,
-                Msix {
-                    table: vec![(0, 0, true); vectors.len()],
-                    pending: vec![false; vectors.len()],
-                    vectors,
-                    enabled: false,
-                    function_masked: false,
-                },
-            ),
+            msix: Mutex::new(Rank::VirtioIrq, Msix::new(vectors)),
             queue_vectors: Mutex::new(Rank::VirtioIrq, vec![NO_VECTOR; nq]),
             config_vector: Mutex::new(Rank::VirtioIrq, NO_VECTOR),
             isr: Mutex::new(Rank::VirtioIrq, 0),
             status: Mutex::new(Rank::VirtioIrq, 0),
         });
-        let config = build_config_space(device.device_type(), nvec);
+        let config = build_config_space(info, nvec);
         let dev = Arc::new(Mutex::new(
             Rank::PciFunction,
             VirtioPci {
@@ -419,7 +364,7 @@ impl VirtioPci {
                 return;
             };
             queue.set_event_idx(
-                self.driver_features & crate::devices::virtio::VIRTIO_F_RING_EVENT_IDX != 0,
+                self.driver_features & crate::hw::virtio::VIRTIO_F_RING_EVENT_IDX != 0,
             );
             active.push((i, ActiveQueue { queue, kick, irq }));
         }
@@ -566,63 +511,8 @@ impl VirtioPci {
 
     /// A vector number the table has, else NO_VECTOR (the driver reads it back to check).
     fn valid_vector(&self, v: u16) -> u16 {
-        let n = self.irq.msix.lock().vectors.len();
+        let n = self.irq.msix.lock().len();
         if (v as usize) < n { v } else { NO_VECTOR }
-    }
-
-    fn msix_table_read(&self, offset: u64, data: &mut [u8]) {
-        let m = self.irq.msix.lock();
-        let (idx, field) = ((offset / 16) as usize, offset % 16);
-        let Some(&(addr, msg, masked)) = m.table.get(idx) else {
-            return data.fill(0);
-        };
-        let v: u64 = match (field, data.len()) {
-            (0, 4) => addr & 0xffff_ffff,
-            (4, 4) => addr >> 32,
-            (0, 8) => addr,
-            (8, 4) => u64::from(msg),
-            (12, 4) => u64::from(masked),
-            (8, 8) => u64::from(msg) | (u64::from(masked) << 32),
-            _ => 0,
-        };
-        data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
-    }
-
-    fn msix_table_write(&mut self, offset: u64, data: &[u8]) {
-        let mut b = [0u8; 8];
-        b[..data.len()].copy_from_slice(data);
-        let v = u64::from_le_bytes(b);
-        let mut m = self.irq.msix.lock();
-        let (idx, field) = ((offset / 16) as usize, offset % 16);
-        let Some(&(addr, msg, masked)) = m.table.get(idx) else {
-            return;
-        };
-        let (addr, msg, masked) = match (field, data.len()) {
-            (0, 4) => ((addr & !0xffff_ffff) | v, msg, masked),
-            (4, 4) => ((addr & 0xffff_ffff) | (v << 32), msg, masked),
-            (0, 8) => (v, msg, masked),
-            (8, 4) => (addr, v as u32, masked),
-            (12, 4) => (addr, msg, v & 1 == 1),
-            (8, 8) => (addr, v as u32, (v >> 32) & 1 == 1),
-            _ => return,
-        };
-        if (addr, msg) != (m.table[idx].0, m.table[idx].1)
-            && let Err(e) = m.vectors[idx].set_message(addr, msg)
-        {
-            log::warn!("{}: MSI-X vector {idx}: {e}", self.name);
-        }
-        m.table[idx] = (addr, msg, masked);
-        m.flush_pending();
-    }
-
-    fn pba_read(&self, offset: u64, data: &mut [u8]) {
-        let m = self.irq.msix.lock();
-        for (i, d) in data.iter_mut().enumerate() {
-            let base = (offset as usize + i) * 8;
-            *d = (0..8)
-                .filter(|b| m.pending.get(base + b).copied().unwrap_or(false))
-                .fold(0, |acc, b| acc | (1 << b));
-        }
     }
 
     /// BAR 0 accesses, by offset.
@@ -645,10 +535,10 @@ impl VirtioPci {
                 self.device.read_config(o - DEVICE_CFG_OFFSET, data)
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix_table_read(o - MSIX_TABLE_OFFSET, data)
+                self.irq.msix.lock().table_read(o - MSIX_TABLE_OFFSET, data)
             }
             o if (MSIX_PBA_OFFSET..BAR0_SIZE).contains(&o) => {
-                self.pba_read(o - MSIX_PBA_OFFSET, data)
+                self.irq.msix.lock().pba_read(o - MSIX_PBA_OFFSET, data)
             }
             _ => {}
         }
@@ -668,9 +558,11 @@ impl VirtioPci {
                     let _ = q.kick.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                self.msix_table_write(o - MSIX_TABLE_OFFSET, data)
-            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self
+                .irq
+                .msix
+                .lock()
+                .table_write(o - MSIX_TABLE_OFFSET, data, &self.name),
             _ => {}
         }
     }
@@ -699,8 +591,9 @@ impl VirtioPci {
     }
 }
 
-fn build_config_space(device_type: u16, vectors: u16) -> ConfigSpace {
-    let (class, sub) = class_of(device_type);
+fn build_config_space(info: &VirtioInfo, vectors: u16) -> ConfigSpace {
+    let (class, sub) = info.pci_class;
+    let device_type = info.device_type;
     let mut c = ConfigSpace::new(
         VIRTIO_PCI_VENDOR,
         VIRTIO_PCI_DEVICE_BASE + device_type,
@@ -762,13 +655,15 @@ fn build_config_space(device_type: u16, vectors: u16) -> ConfigSpace {
     c.set_writable_u32(CAP_PCI_CFG as usize + 12, 0xffff_ffff);
     c.set_writable_u32(PCI_CFG_DATA, 0xffff_ffff);
     // MSI-X: table and PBA in BAR 0; enable and function mask are the driver's.
-    let m = CAP_MSIX as usize;
-    c.set_u8(m, 0x11);
-    c.set_u8(m + 1, 0);
-    c.set_u16(m + 2, vectors - 1);
-    c.set_writable_u16(m + 2, 0xc000);
-    c.set_u32(m + 4, MSIX_TABLE_OFFSET as u32);
-    c.set_u32(m + 8, MSIX_PBA_OFFSET as u32);
+    msix::write_capability(
+        &mut c,
+        CAP_MSIX,
+        0,
+        vectors,
+        0,
+        MSIX_TABLE_OFFSET,
+        MSIX_PBA_OFFSET,
+    );
     c
 }
 
@@ -801,10 +696,7 @@ impl PciFunction for VirtioPci {
             0x04 | 0x05 => self.maybe_relocate(),
             _ if (MSIX_CONTROL..MSIX_CONTROL + 2).contains(&o) => {
                 let ctl = self.config.u16_at(MSIX_CONTROL);
-                let mut m = self.irq.msix.lock();
-                m.enabled = ctl & 0x8000 != 0;
-                m.function_masked = ctl & 0x4000 != 0;
-                m.flush_pending();
+                self.irq.msix.lock().set_control(ctl);
             }
             _ if o == PCI_CFG_DATA && data.len() == 4 => {
                 let off = u64::from(self.config.u32_at(CAP_PCI_CFG as usize + 8));
@@ -846,11 +738,11 @@ impl Drop for VirtioPci {
 pub fn plug(
     name: &str,
     device: Box<dyn VirtioDevice>,
-    at: &crate::graph::Placement,
-    m: &mut dyn crate::devices::Machine,
-) -> Result<(), crate::devices::DeviceError> {
-    use crate::devices::DeviceError;
-    let crate::graph::Placement::Pci { slot, bars, .. } = at else {
+    at: &crate::contract::Placement,
+    m: &mut dyn crate::hw::Machine,
+) -> Result<(), crate::hw::DeviceError> {
+    use crate::hw::DeviceError;
+    let crate::contract::Placement::Pci { slot, bars, .. } = at else {
         return Err(DeviceError(format!("`{name}` needs a PCI placement")));
     };
     let bar = bars
@@ -869,9 +761,10 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::DeviceError;
-    use crate::devices::bus::SharedDevice;
-    use crate::devices::virtio::{ActivateError, STATUS_ACKNOWLEDGE, STATUS_DRIVER};
+    use crate::hw::DeviceError;
+    use crate::hw::MsiVector;
+    use crate::hw::bus::SharedDevice;
+    use crate::hw::virtio::{ActivateError, STATUS_ACKNOWLEDGE, STATUS_DRIVER};
 
     /// A VM with counting MSI vectors and no real ioeventfds.
     #[derive(Default)]
@@ -914,17 +807,18 @@ mod tests {
     }
 
     impl VirtioDevice for Probe {
-        fn device_type(&self) -> u16 {
-            4
-        }
-        fn queue_max_sizes(&self) -> Vec<u16> {
-            vec![16, 16]
+        fn virtio(&self) -> &'static VirtioInfo {
+            &VirtioInfo {
+                device_type: 4,
+                queue_sizes: &[16, 16],
+                pci_class: (0xff, 0),
+            }
         }
         fn features(&self) -> u64 {
             VIRTIO_F_VERSION_1 | 1
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            crate::devices::virtio::read_config_bytes(&[0xa5; 4], offset, data);
+            crate::hw::virtio::read_config_bytes(&[0xa5; 4], offset, data);
         }
         fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
             self.activations.fetch_add(1, Ordering::SeqCst);

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use crate::sync::{Mutex, Rank};
 use virtio_queue::QueueT;
 
-use super::{Ctx, Listeners, ServeError, Served, signal};
-use crate::devices::char_io::{self, CharIo, CharOut, SocketGuard};
-use crate::devices::console::{
+use super::{
     ConsoleInput, DEFAULT_SIZE, INPUT_LIMIT, RX_QUEUE, TX_QUEUE, VIRTIO_CONSOLE_F_SIZE,
     config_bytes, receive, terminal_size, transmit,
 };
-use crate::devices::virtio::{BUDGET, VIRTIO_F_VERSION_1, ring_broken};
+use crate::hw::char_io::{self, CharIo, CharOut, SocketGuard};
+use crate::hw::served::{Ctx, Listeners, ServeError, Served, signal};
+use crate::hw::virtio::{BUDGET, VIRTIO_F_VERSION_1, ring_broken};
 
 /// Event number of the input FIFO's eventfd (above the two queues and the exit event).
 const INPUT_EVENT: u16 = 3;
@@ -74,11 +74,8 @@ impl ConsoleModel {
 }
 
 impl Served for ConsoleModel {
-    fn name(&self) -> &'static str {
-        "console"
-    }
-    fn num_queues(&self) -> usize {
-        2
+    fn virtio(&self) -> &'static crate::contract::VirtioInfo {
+        &super::VIRTIO
     }
     fn features(&self) -> u64 {
         // No EMERG_WRITE: the front end owns the configuration space writes.
@@ -87,7 +84,7 @@ impl Served for ConsoleModel {
     fn config(&self) -> Vec<u8> {
         config_bytes(self.size.0, self.size.1).to_vec()
     }
-    fn start(&self, l: &Listeners) -> Result<(), ServeError> {
+    fn start(&self, l: &dyn Listeners) -> Result<(), ServeError> {
         l.add(self.input.wake().as_raw_fd(), INPUT_EVENT)
             .map_err(|e| ServeError::Daemon(format!("cannot wait for input: {e}")))
     }

@@ -3,8 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::spec::units::FilePath;
-use crate::validate::DeviceCheck;
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::FilePath;
 
 /// The host end of a character device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -24,7 +24,7 @@ pub enum CharIo {
 impl CharIo {
     /// Validation shared by every character device: one user of the terminal, distinct files and
     /// sockets, and a parent directory that exists.
-    pub fn check(&self, cx: &mut DeviceCheck<'_, '_>, field: &str) {
+    pub fn check(&self, cx: &mut dyn DeviceCheck, field: &str) {
         match self {
             CharIo::Stdio => cx.claim(
                 "the terminal",
@@ -44,6 +44,16 @@ impl CharIo {
                     cx.claim("output path", abs.display().to_string(), &at, "");
                 }
             }
+        }
+    }
+
+    /// The same host end with a relative path made absolute against `base`.
+    pub fn resolved(&self, base: &std::path::Path) -> CharIo {
+        let abs = |p: &FilePath| FilePath(p.resolve(base).display().to_string());
+        match self {
+            CharIo::File(p) => CharIo::File(abs(p)),
+            CharIo::Socket(p) => CharIo::Socket(abs(p)),
+            other => other.clone(),
         }
     }
 

@@ -5,12 +5,23 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::devices::{DeviceKind, DeviceKindInfo, DeviceSpec, KindInfo, Needs};
-use crate::spec::units::{DeviceName, FilePath, PciSlot};
-use crate::validate::DeviceCheck;
+use crate::contract::check::DeviceCheck;
+use crate::contract::units::{DeviceName, FilePath, PciSlot};
+use crate::contract::{
+    DeviceError, DeviceKindInfo, DeviceSpec, KindInfo, Needs, ServedInfo, VirtioInfo,
+};
+use crate::devices::Device;
+use crate::hw::served::Served;
 
-/// virtio device type of block devices.
-pub const VIRTIO_ID_BLOCK: u16 = 2;
+mod served;
+pub use served::BlockModel;
+
+/// What a virtio block device is: type 2, one request queue, PCI class mass storage.
+pub const VIRTIO: VirtioInfo = VirtioInfo {
+    device_type: 2,
+    queue_sizes: &[QUEUE_SIZE],
+    pci_class: (0x01, 0x00),
+};
 
 /// A virtio block device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -35,14 +46,23 @@ pub struct BlockSpec {
 
 impl DeviceKindInfo for BlockSpec {
     const INFO: KindInfo = KindInfo {
+        key: "block",
+        noun: "disk",
         hotpluggable: false,
         max_count: None,
+        aliases: &["disk", "disks", "drive", "drives"],
+        platform: &[],
+        vhost_user: Some(ServedInfo {
+            front_end: "QEMU: -device vhost-user-blk-pci",
+            front_end_keys: &[],
+            defaults: &[],
+        }),
     };
 }
 
 impl DeviceSpec for BlockSpec {
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::Block
+    fn info(&self) -> &'static KindInfo {
+        &Self::INFO
     }
     fn name(&self) -> &str {
         self.name.as_str()
@@ -51,12 +71,9 @@ impl DeviceSpec for BlockSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci {
-            device_type: VIRTIO_ID_BLOCK,
-            queues: 1,
-        }
+        Needs::VirtioPci(&VIRTIO)
     }
-    fn check(&self, cx: &mut DeviceCheck<'_, '_>) {
+    fn check(&self, cx: &mut dyn DeviceCheck) {
         if let Some(file) = cx.disk_image("path", &self.path, !self.readonly) {
             cx.claim(
                 "disk image",
@@ -79,30 +96,8 @@ impl DeviceSpec for BlockSpec {
         if let Some(s) = &self.serial
             && !s.chars().all(|c| c.is_ascii_graphic() || c == ' ')
         {
-            cx.error("serial", "The serial number must be printable ASCII");
+            cx.error("serial", "The serial number must be printable ASCII".into());
         }
-    }
-    fn build(
-        &self,
-        at: &crate::graph::Placement,
-        m: &mut dyn crate::devices::Machine,
-    ) -> Result<(), crate::devices::DeviceError> {
-        let path = self.path.resolve(m.base_dir());
-        let id = self.serial.clone().unwrap_or_else(|| self.name.to_string());
-        let disk = Disk::open(&path, self.readonly, &id).map_err(crate::devices::DeviceError)?;
-        log::info!(
-            "block `{}`: {} ({} sectors{})",
-            self.name,
-            path.display(),
-            disk.sectors(),
-            if self.readonly { ", read-only" } else { "" }
-        );
-        crate::devices::transport::virtio_pci::plug(
-            self.name.as_str(),
-            Box::new(Block::new(disk)),
-            at,
-            m,
-        )
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         let mut v = vec![("path", self.path.to_string())];
@@ -110,6 +105,40 @@ impl DeviceSpec for BlockSpec {
             v.push(("readonly", "true".into()));
         }
         v
+    }
+}
+
+impl Device for BlockSpec {
+    fn build(
+        &self,
+        at: &crate::contract::Placement,
+        m: &mut dyn crate::hw::Machine,
+    ) -> Result<(), DeviceError> {
+        let path = self.path.resolve(m.base_dir());
+        let id = self.serial.clone().unwrap_or_else(|| self.name.to_string());
+        let disk = Disk::open(&path, self.readonly, &id).map_err(DeviceError)?;
+        log::info!(
+            "block `{}`: {} ({} sectors{})",
+            self.name,
+            path.display(),
+            disk.sectors(),
+            if self.readonly { ", read-only" } else { "" }
+        );
+        crate::hw::transport::virtio_pci::plug(
+            self.name.as_str(),
+            Box::new(Block::new(disk)),
+            at,
+            m,
+        )
+    }
+    fn served(&self, base: &std::path::Path) -> Option<Result<Box<dyn Served>, DeviceError>> {
+        let path = self.path.resolve(base);
+        let id = self.serial.clone().unwrap_or_else(|| self.name.to_string());
+        Some(
+            Disk::open(&path, self.readonly, &id)
+                .map(|d| Box::new(BlockModel::new(d)) as Box<dyn Served>)
+                .map_err(DeviceError),
+        )
     }
 }
 
@@ -121,7 +150,7 @@ use std::os::fd::AsRawFd;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::devices::virtio::{
+use crate::hw::virtio::{
     ActivateError, Activation, BUDGET, STOP_TOKEN, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
     VirtioDevice, Worker, WorkerHandle, WorkerSlot, drain, read_config_bytes, serve_queue,
 };
@@ -591,11 +620,8 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u16 {
-        VIRTIO_ID_BLOCK
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+    fn virtio(&self) -> &'static VirtioInfo {
+        &VIRTIO
     }
     fn features(&self) -> u64 {
         features(&self.disk)
@@ -651,8 +677,8 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::GuestMem;
-    use crate::devices::virtio::testing::{NEXT, WRITE, desc, mem, raw};
+    use crate::hw::virtio::GuestMem;
+    use crate::hw::virtio::testing::{NEXT, WRITE, desc, mem, raw};
     use std::io::Write;
     use virtio_queue::mock::MockSplitQueue;
 

@@ -1,0 +1,173 @@
+//! Imports point one way. Reads every file under src/ and collects which top-level modules
+//! each one names (`crate::x`, or `vmm::x` from the binary); fails on a cycle between modules
+//! and on an import against the layer order documented in docs/architecture.md.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Bottom to top; a module may import only modules listed before it (utilities at the bottom).
+const LAYERS: &[&[&str]] = &[
+    &["sync", "diag", "hostfile", "logging", "alloc_track"],
+    &["contract"],
+    &["hw"],
+    &["devices"],
+    &["spec"],
+    &["validate"],
+    &["graph"],
+    &["backend"],
+    &["reconcile", "vhost_user"],
+];
+
+fn layer_of(m: &str) -> Option<usize> {
+    LAYERS.iter().position(|l| l.contains(&m))
+}
+
+fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The top-level modules named in `text` as `crate::x` (comments included: a doc link to a
+/// stage is a dependency of the reader too).
+fn named(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices(prefix) {
+        if i > 0 {
+            let before = text.as_bytes()[i - 1];
+            if before.is_ascii_alphanumeric() || before == b'_' {
+                continue;
+            }
+        }
+        let rest = &text[i + prefix.len()..];
+        let m: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !m.is_empty() {
+            out.insert(m);
+        }
+    }
+    out
+}
+
+/// Module → the modules it imports, from the source tree.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = common::root().join("src");
+    let mut all = Vec::new();
+    files(&src, &mut all);
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in all {
+        let rel = f.strip_prefix(&src).unwrap();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let module = first.trim_end_matches(".rs").to_string();
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests (at the end of a file, by convention) may use any layer: the transport's
+        // tests drive a real block device.
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        let deps = g.entry(module.clone()).or_default();
+        for m in named(&text, "crate::") {
+            if m != module && layer_of(&m).is_some() {
+                deps.insert(m);
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn every_module_has_a_layer() {
+    for m in graph().keys() {
+        assert!(
+            layer_of(m).is_some(),
+            "src/{m} is in no layer: add it to LAYERS here and to docs/architecture.md"
+        );
+    }
+}
+
+#[test]
+fn imports_follow_the_layers() {
+    let mut wrong = Vec::new();
+    for (m, deps) in graph() {
+        let Some(lm) = layer_of(&m) else { continue };
+        for d in deps {
+            if layer_of(&d).is_some_and(|ld| ld >= lm) && LAYERS[lm] != LAYERS[0] {
+                wrong.push(format!("{m} imports {d}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports against the layer order:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn there_is_no_cycle_between_modules() {
+    let g = graph();
+    // Depth-first search with colours; report the first cycle found as a path.
+    fn visit(
+        m: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(m) {
+            Some(2) => return None,
+            Some(1) => {
+                let at = path.iter().position(|p| p == m).unwrap();
+                let mut c = path[at..].to_vec();
+                c.push(m.to_string());
+                return Some(c);
+            }
+            _ => {}
+        }
+        state.insert(m.to_string(), 1);
+        path.push(m.to_string());
+        for d in g.get(m).into_iter().flatten() {
+            if let Some(c) = visit(d, g, state, path) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        state.insert(m.to_string(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for m in g.keys() {
+        if let Some(c) = visit(m, &g, &mut state, &mut Vec::new()) {
+            panic!("modules import each other in a circle: {}", c.join(" → "));
+        }
+    }
+}
+
+#[test]
+fn the_checker_sees_a_cycle_and_a_wrong_import() {
+    // The parser finds module names after `crate::` only at a word boundary.
+    let n = named(
+        "use crate::graph::X; a_crate::spec; crate::devices::y",
+        "crate::",
+    );
+    assert_eq!(
+        n.into_iter().collect::<Vec<_>>(),
+        ["devices", "graph"],
+        "word boundary"
+    );
+    assert!(layer_of("devices") < layer_of("graph"));
+}
