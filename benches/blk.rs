@@ -245,16 +245,14 @@ fn shared_memory() -> (GuestMemoryMmap<()>, File) {
     file.set_len(MEM_SIZE as u64).unwrap();
     // Sealed as QEMU's memory-backend-memfd is (vmm device refuses unsealed memory).
     // SAFETY: F_ADD_SEALS on our memfd.
-    assert_eq!(
-        unsafe {
-            libc::fcntl(
-                fd,
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-            )
-        },
-        0
-    );
+    let sealed = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(sealed, 0);
     let mem = GuestMemoryMmap::from_ranges_with_files(&[(
         GuestAddress(0),
         MEM_SIZE,

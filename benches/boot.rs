@@ -55,6 +55,7 @@ fn run(mut cmd: Command, marker: &str, after: Option<&str>, limit: Duration) -> 
     let mut status = 0;
     // SAFETY: wait4 on our own child with valid out-pointers.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     let exit = t0.elapsed();
     Some(Run {

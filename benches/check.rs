@@ -20,6 +20,8 @@ fn measure(args: &[&str], cwd: &Path, runs: usize) -> (Vec<f64>, Vec<i64>, i32) 
     let mut code = 0;
     for _ in 0..runs {
         let t = Instant::now();
+        // Reaped by wait4 below, which also gives its peak RSS.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
             .args(args)
             .current_dir(cwd)
@@ -31,6 +33,7 @@ fn measure(args: &[&str], cwd: &Path, runs: usize) -> (Vec<f64>, Vec<i64>, i32) 
         // SAFETY: plain wait4 on our own child with valid out-pointers.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         let pid = child.id() as libc::pid_t;
+        // SAFETY: as above; the child is reaped here (`Child::wait` would reap it first).
         unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         times.push(t.elapsed().as_secs_f64() * 1e3);
         rss.push(usage.ru_maxrss);

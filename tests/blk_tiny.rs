@@ -58,8 +58,8 @@ fn record(i: u64) -> Vec<u8> {
     let mut r = vec![0u8; 512];
     r[..8].copy_from_slice(b"VMMREC01");
     r[8..16].copy_from_slice(&i.to_le_bytes());
-    for k in 16..508 {
-        r[k] = ((i as usize * 31 + k) & 0xff) as u8;
+    for (k, b) in r.iter_mut().enumerate().take(508).skip(16) {
+        *b = ((i as usize * 31 + k) & 0xff) as u8;
     }
     let mut h: u32 = 0x811c_9dc5;
     for &b in &r[..508] {

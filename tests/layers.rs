@@ -81,7 +81,7 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         // tests drive a real block device.
         let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
         let deps = g.entry(module.clone()).or_default();
-        for m in named(&text, "crate::") {
+        for m in named(text, "crate::") {
             if m != module && layer_of(&m).is_some() {
                 deps.insert(m);
             }

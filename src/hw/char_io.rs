@@ -187,8 +187,8 @@ impl Stdout {
     fn open() -> io::Result<Stdout> {
         use std::os::fd::{FromRawFd, OwnedFd};
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-        // SAFETY: dup of fd 1 gives a descriptor we own.
         let dup = || -> io::Result<OwnedFd> {
+            // SAFETY: dup of fd 1 gives a descriptor we own.
             let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
             if fd < 0 {
                 return Err(io::Error::last_os_error());

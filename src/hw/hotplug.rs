@@ -204,7 +204,9 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Hotplug>, HotplugPorts, Arc<Count>, Arc<Mutex<Vec<u32>>>) {
+    type Setup = (Arc<Hotplug>, HotplugPorts, Arc<Count>, Arc<Mutex<Vec<u32>>>);
+
+    fn setup() -> Setup {
         let irq = Arc::new(Count::default());
         let hp = Hotplug::new(0b11 << 30, irq.clone());
         let seen = Arc::new(Mutex::new(Rank::Leaf, Vec::new()));
