@@ -409,22 +409,26 @@ fn find_socket(machine: Option<&str>, socket: Option<PathBuf>) -> Result<PathBuf
 fn call_vm(
     socket: &Path,
     req: &vmm::reconcile::control::Request,
-) -> Result<serde_json::Value, ExitCode> {
+) -> Result<vmm::reconcile::protocol::Answer, ExitCode> {
+    use vmm::reconcile::protocol::{Answer, MessageKind};
     let answer = vmm::reconcile::control::call(socket, req).map_err(|e| {
         eprintln!("vmm: {e}");
         ExitCode::from(EXIT_RUNTIME)
     })?;
     // The VM could not take the request (busy, shutting down, a bad request).
-    if answer["status"] == "error" {
-        eprintln!(
-            "vmm: {}",
-            answer["text"]
-                .as_str()
-                .unwrap_or("the VM answered with an error")
-        );
+    if let Answer::Message(m) = &answer
+        && m.status == MessageKind::Error
+    {
+        eprintln!("vmm: {}", m.text);
         return Err(ExitCode::from(EXIT_RUNTIME));
     }
     Ok(answer)
+}
+
+/// An answer of another kind than the request asks for.
+fn unexpected(a: &vmm::reconcile::protocol::Answer) -> ExitCode {
+    eprintln!("vmm: unexpected answer from the VM: {}", a.to_line());
+    ExitCode::from(EXIT_RUNTIME)
 }
 
 /// `vmm plan FILE` and `vmm apply FILE`: the running VM checks and plans the file itself.
@@ -460,14 +464,17 @@ fn remote_edit(file: &Path, socket: Option<PathBuf>, format: Format, apply: bool
         Ok(a) => a,
         Err(c) => return c,
     };
+    let vmm::reconcile::protocol::Answer::Edit(edit) = &answer else {
+        return unexpected(&answer);
+    };
     if format == Format::Json {
-        println!("{answer}");
-    } else if let Some(t) = answer["text"].as_str() {
-        println!("{t}");
+        println!("{}", answer.to_line());
+    } else {
+        println!("{}", edit.text);
     }
-    match answer["status"].as_str() {
-        Some("invalid") => ExitCode::from(EXIT_BAD_FILE),
-        Some("needs-restart") if apply => ExitCode::from(EXIT_RUNTIME),
+    match edit.status {
+        vmm::reconcile::Verdict::Invalid => ExitCode::from(EXIT_BAD_FILE),
+        vmm::reconcile::Verdict::NeedsRestart if apply => ExitCode::from(EXIT_RUNTIME),
         _ => ExitCode::SUCCESS,
     }
 }
@@ -488,52 +495,53 @@ fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> Exi
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let a = match call_vm(&sock, &vmm::reconcile::control::Request::Status) {
+    let answer = match call_vm(&sock, &vmm::reconcile::control::Request::Status) {
         Ok(a) => a,
         Err(c) => return c,
     };
+    let vmm::reconcile::protocol::Answer::Status(a) = &answer else {
+        return unexpected(&answer);
+    };
     if format == Format::Json {
-        println!("{a}");
+        println!("{}", answer.to_line());
         return ExitCode::SUCCESS;
     }
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
-    println!("machine {} ({})", s(&a["machine"]), s(&a["file"]));
+    println!("machine {} ({})", a.machine, a.file);
     println!("devices");
-    for d in a["devices"].as_array().into_iter().flatten() {
-        let place = match (d["slot"].as_u64(), d["hotplug"].as_bool()) {
-            (Some(n), Some(true)) => format!("hotplug slot {n}"),
-            (Some(n), _) => format!("slot {n}"),
+    for d in &a.devices {
+        let place = match (d.slot, d.hotplug) {
+            (Some(n), true) => format!("hotplug slot {n}"),
+            (Some(n), false) => format!("slot {n}"),
             _ => "legacy".to_string(),
         };
-        let mut st = s(&d["state"]);
-        if let Some(secs) = d["pending_seconds"].as_f64() {
+        let mut st = kebab(&d.state);
+        if let Some(secs) = d.pending_seconds {
             st = format!("{st} ({secs:.1} s)");
         }
-        if let Some(e) = d["error"].as_str() {
+        if let Some(e) = &d.error {
             st = format!("{st}: {e}");
         }
-        if let Some(n) = d["output_dropped"].as_u64().filter(|&n| n > 0) {
+        if let Some(n) = d.output_dropped.filter(|&n| n > 0) {
             st = format!("{st}, {n} bytes of output dropped (its reader did not keep up)");
         }
         println!(
             "  {:<8} {:<14} {:<16} {st}",
-            s(&d["kind"]),
-            format!("{:?}", s(&d["name"])),
+            d.kind,
+            format!("{:?}", d.name),
             place
         );
     }
-    let slots: Vec<String> = a["hotplug_slots"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| match h["device"].as_str() {
-            Some(dev) => format!("{} {} ({dev})", h["slot"], s(&h["state"])),
-            None => format!("{} {}", h["slot"], s(&h["state"])),
+    let slots: Vec<String> = a
+        .hotplug_slots
+        .iter()
+        .map(|h| match &h.device {
+            Some(dev) => format!("{} {} ({dev})", h.slot, kebab(&h.state)),
+            None => format!("{} {}", h.slot, kebab(&h.state)),
         })
         .collect();
     println!(
         "hotplug slots: {} free of {}: {}",
-        a["hotplug_free"],
+        a.hotplug_free,
         slots.len(),
         if slots.is_empty() {
             "none".to_string()
@@ -541,9 +549,16 @@ fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> Exi
             slots.join(", ")
         }
     );
-    let pending = a["pending_unplugs"].as_array().map_or(0, Vec::len);
-    println!("pending unplugs: {pending}");
+    println!("pending unplugs: {}", a.pending_unplugs.len());
     ExitCode::SUCCESS
+}
+
+/// A protocol enum as it is spelt on the wire ("plug-failed").
+fn kebab(v: &impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn stop(machine: Option<&str>, socket: Option<PathBuf>) -> ExitCode {
@@ -555,10 +570,11 @@ fn stop(machine: Option<&str>, socket: Option<PathBuf>) -> ExitCode {
         }
     };
     match call_vm(&sock, &vmm::reconcile::control::Request::Stop) {
-        Ok(a) => {
-            println!("{}", a["text"].as_str().unwrap_or("stopping"));
+        Ok(vmm::reconcile::protocol::Answer::Message(m)) => {
+            println!("{}", m.text);
             ExitCode::SUCCESS
         }
+        Ok(other) => unexpected(&other),
         Err(c) => c,
     }
 }

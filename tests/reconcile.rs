@@ -103,7 +103,7 @@ impl Setup {
     }
 
     fn slots(&self) -> Vec<(u64, String)> {
-        self.r.status()["hotplug_slots"]
+        serde_json::to_value(self.r.status()).unwrap()["hotplug_slots"]
             .as_array()
             .unwrap()
             .iter()
@@ -132,7 +132,7 @@ fn adding_and_removing_a_nic_plugs_and_unplugs_it() {
     assert_eq!(o.verdict, Verdict::Live);
     assert_eq!(s.fake.take(), ["unplug 30"]);
     assert_eq!(s.slots()[0], (30, "releasing".into()));
-    let st = s.r.status();
+    let st = serde_json::to_value(s.r.status()).unwrap();
     assert_eq!(st["pending_unplugs"].as_array().unwrap().len(), 1, "{st}");
     // An eject of another slot changes nothing.
     assert!(s.r.ejected(1 << 31).is_empty());
@@ -299,7 +299,7 @@ fn failed_plugs_are_reported_and_retried() {
         "{:?}",
         o.lines
     );
-    let st = s.r.status();
+    let st = serde_json::to_value(s.r.status()).unwrap();
     assert_eq!(
         st["devices"].as_array().unwrap().last().unwrap()["state"],
         "plug-failed",

@@ -7,7 +7,8 @@
 
 use std::ops::Range;
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{DeviceGraph, DeviceNode, Placement, lower_with};
@@ -17,7 +18,7 @@ use crate::spec::source::escape_token;
 use crate::validate::ValidSpec;
 
 /// Whether a running VM can take a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Class {
     HotApply,
@@ -33,7 +34,7 @@ impl std::fmt::Display for Class {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     Add,
@@ -42,7 +43,7 @@ pub enum Action {
 }
 
 /// Which file a change's span points into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Side {
     Old,
@@ -50,7 +51,7 @@ pub enum Side {
 }
 
 /// One difference between two machines.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Change {
     pub class: Class,
     pub action: Action,

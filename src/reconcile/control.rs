@@ -1,18 +1,9 @@
 //! The control socket of a running VM: `vmm status`, `vmm plan FILE`, `vmm apply FILE` and
 //! `vmm stop` talk to it.
 //!
-//! Protocol (docs/hotplug.md): a unix stream socket; the client sends one JSON object on one
-//! line, the VM answers with one JSON object on one line and closes. Requests:
-//!
-//! ```text
-//! {"op":"status"}
-//! {"op":"plan","path":"/abs/machine.toml","text":"…file text…"}
-//! {"op":"apply","path":"/abs/machine.toml","text":"…file text…"}
-//! {"op":"stop"}
-//! ```
-//!
-//! Every answer has `status` ("ok", "invalid", "no-changes", "needs-restart", "live",
-//! "stopping" or "error") and, except status answers, `text`: the human report.
+//! Protocol (docs/hotplug.md, types in [`super::protocol`]): a unix stream socket; the client
+//! sends one [`Request`] as JSON on one line, the VM answers with one [`Answer`] on one line
+//! and closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -22,22 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Event;
 use crate::sync::{Condvar, Mutex, MutexGuard};
 
-/// What a client asks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    Status,
-    Plan { path: PathBuf, text: String },
-    Apply { path: PathBuf, text: String },
-    Stop,
-}
+pub use super::protocol::{Answer, Request};
 
 /// The largest request accepted: a machine file of the largest size vmm reads, every byte
 /// escaped in JSON (`\u0000`), and room for the rest.
@@ -211,7 +192,7 @@ fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Client
         let _ = w.set_nonblocking(false);
         let _ = w.set_write_timeout(Some(CLIENT_TIMEOUT));
         let text = format!("the VM is serving {MAX_CLIENTS} other clients; try again");
-        let _ = w.write_all(format!("{}\n", json!({"status": "error", "text": text})).as_bytes());
+        let _ = w.write_all(format!("{}\n", Answer::error(text).to_line()).as_bytes());
     };
     if clients.connected.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
         clients.connected.fetch_sub(1, Ordering::SeqCst);
@@ -250,22 +231,21 @@ fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Clients) -> std:
         Ok(req) => {
             let (rtx, rrx) = mpsc::channel();
             if tx.send(Event::Control(req, rtx)).is_err() {
-                json!({"status": "error", "text": "the VM is shutting down"})
+                Answer::error("the VM is shutting down")
             } else {
-                rrx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(
-                    |_| json!({"status": "error", "text": "the VM did not answer in time"}),
-                )
+                rrx.recv_timeout(ANSWER_TIMEOUT)
+                    .unwrap_or_else(|_| Answer::error("the VM did not answer in time"))
             }
         }
-        Err(e) => json!({"status": "error", "text": format!("bad request: {e}")}),
+        Err(e) => Answer::error(format!("bad request: {e}")),
     };
     let mut w = &conn;
-    w.write_all(format!("{reply}\n").as_bytes())?;
+    w.write_all(format!("{}\n", reply.to_line()).as_bytes())?;
     w.flush()
 }
 
 /// Sends `req` to the control socket at `path`; returns the answer.
-pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
+pub fn call(path: &Path, req: &Request) -> Result<Answer, String> {
     let mut s = UnixStream::connect(path).map_err(|e| {
         format!(
             "cannot reach the VM's control socket {}: {e} (is the VM running?)",

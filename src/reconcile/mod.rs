@@ -19,6 +19,7 @@
 //! backend's [`LiveVm`](crate::backend::kvm::LiveVm) in a VM, a recording fake in tests.
 
 pub mod control;
+pub mod protocol;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Checked;
 use crate::diag::Report;
@@ -81,7 +82,7 @@ pub enum Event {
     /// The guest released these slots (bitmap).
     Ejected(u32),
     /// A control socket request and where its answer goes.
-    Control(control::Request, mpsc::Sender<Value>),
+    Control(control::Request, mpsc::Sender<protocol::Answer>),
     /// Time passes: removal requests the guest has not answered are signalled again.
     Tick,
     /// The VM is ending.
@@ -89,7 +90,9 @@ pub enum Event {
 }
 
 /// How an edit ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     /// The file is not a valid machine (or does not fit): nothing changed.
@@ -114,13 +117,14 @@ pub struct EditOutcome {
 }
 
 impl EditOutcome {
-    pub fn json(&self) -> Value {
-        json!({
-            "status": self.verdict,
-            "applied": self.applied,
-            "changes": self.changes,
-            "diagnostics": self.diagnostics,
-            "text": self.lines.join("\n"),
+    /// The control socket's answer.
+    pub fn answer(&self) -> protocol::Answer {
+        protocol::Answer::Edit(protocol::EditAnswer {
+            status: self.verdict,
+            applied: self.applied,
+            changes: self.changes.clone(),
+            diagnostics: self.diagnostics.clone(),
+            text: self.lines.join("\n"),
         })
     }
 }
@@ -231,11 +235,11 @@ impl<T: Target> Reconciler<T> {
         true
     }
 
-    fn control(&mut self, req: control::Request) -> Value {
+    fn control(&mut self, req: control::Request) -> protocol::Answer {
         match req {
-            control::Request::Status => self.status(),
+            control::Request::Status => protocol::Answer::Status(self.status()),
             control::Request::Plan { path, text } => {
-                self.edit(&path, text.into_bytes(), false).json()
+                self.edit(&path, text.into_bytes(), false).answer()
             }
             control::Request::Apply { path, text } => {
                 let o = self.edit(&path, text.into_bytes(), true);
@@ -245,12 +249,15 @@ impl<T: Target> Reconciler<T> {
                 for l in &o.lines {
                     self.say(l);
                 }
-                o.json()
+                o.answer()
             }
             control::Request::Stop => {
                 self.say("stopping the VM (vmm stop)");
                 self.target.stop("vmm stop");
-                json!({ "status": "stopping", "text": "the VM is stopping" })
+                protocol::Answer::Message(protocol::MessageAnswer {
+                    status: protocol::MessageKind::Stopping,
+                    text: "the VM is stopping".into(),
+                })
             }
         }
     }
@@ -498,38 +505,46 @@ impl<T: Target> Reconciler<T> {
     }
 
     /// `vmm status`: devices, hotplug slots, pending unplugs.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> protocol::StatusAnswer {
+        use protocol::{DeviceState, DeviceStatus, SlotState, SlotStatus};
         let g = &self.desired.graph;
         let dropped: BTreeMap<String, u64> = self.target.dropped_output().into_iter().collect();
         let mut devices = Vec::new();
         for (name, (node, state)) in &self.in_vm {
-            let (st, secs) = match state {
-                InVm::Running => ("running", None),
+            let (state, pending_seconds) = match state {
+                InVm::Running => (DeviceState::Running, None),
                 InVm::Unplugging { since, .. } => {
-                    ("unplugging", Some(since.elapsed().as_secs_f64()))
+                    (DeviceState::Unplugging, Some(since.elapsed().as_secs_f64()))
                 }
             };
-            devices.push(json!({
-                "name": name,
-                "kind": node.kind,
-                "slot": slot_of(node),
-                "hotplug": matches!(node.placement, Placement::Pci { hotplug: true, .. }),
-                "state": st,
-                "pending_seconds": secs,
-                "output_dropped": dropped.get(name),
-            }));
+            devices.push(DeviceStatus {
+                name: name.clone(),
+                kind: node.kind.key().to_string(),
+                slot: slot_of(node),
+                hotplug: matches!(node.placement, Placement::Pci { hotplug: true, .. }),
+                state,
+                pending_seconds,
+                output_dropped: dropped.get(name).copied(),
+                error: None,
+            });
         }
         for (name, why) in &self.failed {
             if let Some(node) = g.device(name)
                 && !self.in_vm.contains_key(name)
             {
-                devices.push(json!({
-                    "name": name, "kind": node.kind, "slot": slot_of(node),
-                    "hotplug": true, "state": "plug-failed", "error": why,
-                }));
+                devices.push(DeviceStatus {
+                    name: name.clone(),
+                    kind: node.kind.key().to_string(),
+                    slot: slot_of(node),
+                    hotplug: true,
+                    state: DeviceState::PlugFailed,
+                    pending_seconds: None,
+                    output_dropped: None,
+                    error: Some(why.clone()),
+                });
             }
         }
-        let slots: Vec<Value> = g
+        let slots: Vec<SlotStatus> = g
             .hotplug_slots()
             .map(|s| {
                 let occupant = self
@@ -537,32 +552,32 @@ impl<T: Target> Reconciler<T> {
                     .values()
                     .find(|(n, _)| slot_of(n) == Some(s.slot));
                 let state = match occupant {
-                    None => "free",
-                    Some((_, InVm::Running)) => "used",
-                    Some((_, InVm::Unplugging { .. })) => "releasing",
+                    None => SlotState::Free,
+                    Some((_, InVm::Running)) => SlotState::Used,
+                    Some((_, InVm::Unplugging { .. })) => SlotState::Releasing,
                 };
-                json!({
-                    "slot": s.slot,
-                    "state": state,
-                    "device": occupant.map(|(n, _)| n.name.clone()),
-                })
+                SlotStatus {
+                    slot: s.slot,
+                    state,
+                    device: occupant.map(|(n, _)| n.name.clone()),
+                }
             })
             .collect();
-        let free = slots.iter().filter(|s| s["state"] == "free").count();
-        let pending: Vec<Value> = devices
+        let hotplug_free = slots.iter().filter(|s| s.state == SlotState::Free).count();
+        let pending_unplugs = devices
             .iter()
-            .filter(|d| d["state"] == "unplugging")
+            .filter(|d| d.state == DeviceState::Unplugging)
             .cloned()
             .collect();
-        json!({
-            "status": "ok",
-            "machine": g.machine,
-            "file": self.path.display().to_string(),
-            "devices": devices,
-            "hotplug_slots": slots,
-            "hotplug_free": free,
-            "pending_unplugs": pending,
-        })
+        protocol::StatusAnswer {
+            status: protocol::StatusOk::Ok,
+            machine: g.machine.clone(),
+            file: self.path.display().to_string(),
+            devices,
+            hotplug_slots: slots,
+            hotplug_free,
+            pending_unplugs,
+        }
     }
 }
 

@@ -433,6 +433,11 @@ pub fn run_with(
         exit: exit.clone(),
         handle,
     };
+    // Raw mode before the guest runs: its first output and the user's first keys (Ctrl-C
+    // included) belong to the guest, not to the terminal's line discipline.
+    let raw = stdin
+        .as_ref()
+        .and_then(|_| RawMode::enter(libc::STDIN_FILENO));
     let mut threads = Vec::new();
     for (id, fd) in fds.into_iter().enumerate() {
         match vcpu::spawn(id as u32, fd, shared.clone()) {
@@ -453,17 +458,15 @@ pub fn run_with(
     );
 
     {
-        let _raw = stdin
-            .as_ref()
-            .and_then(|_| RawMode::enter(libc::STDIN_FILENO));
         let guard = if threads.len() == graph.vcpus as usize {
             on_start(live)
         } else {
             None
         };
-        wait(&exit, &sigfd, stdin.as_deref(), &inputs, _raw.is_some());
+        wait(&exit, &sigfd, stdin.as_deref(), &inputs, raw.is_some());
         drop(guard);
         stop_vcpus(&exit, threads);
+        drop(raw);
     }
     // The guest's last words, if stdout takes them soon.
     if let Some(o) = char_io::stdout_in_use() {
