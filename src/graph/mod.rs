@@ -6,19 +6,18 @@
 
 pub mod diff;
 pub mod layout;
+mod place;
 mod print;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::contract::units::FilePath;
 pub use crate::contract::{Bar, Placement};
-use crate::contract::{Needs, PioPlacement};
 use crate::devices::{AnyDevice, DeviceKind};
-use crate::diag::{Diag, Diags};
-use crate::hw::transport::virtio_pci;
+use crate::diag::Diags;
 use crate::validate::ValidSpec;
 use layout::*;
 
@@ -160,55 +159,10 @@ pub fn lower(valid: &ValidSpec) -> Result<DeviceGraph, Diags> {
 pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags> {
     let loaded = valid.loaded();
     let spec = &loaded.spec;
-    let spans = &loaded.spans;
     let mut diags = Vec::new();
 
-    let mem = spec.memory.bytes();
-    let low = mem.min(MMIO32_START);
-    let mut regions = vec![Region {
-        name: "ram",
-        start: 0,
-        size: low,
-        ram: true,
-    }];
-    if mem > low {
-        regions.push(Region {
-            name: "ram-high",
-            start: HIGH_RAM_START,
-            size: mem - low,
-            ram: true,
-        });
-    }
-    regions.extend([
-        Region {
-            name: "pci-mmio",
-            start: PCI_MMIO_START,
-            size: PCI_MMIO_SIZE,
-            ram: false,
-        },
-        Region {
-            name: "pci-ecam",
-            start: PCI_ECAM_START,
-            size: PCI_ECAM_SIZE,
-            ram: false,
-        },
-        Region {
-            name: "ioapic",
-            start: IOAPIC_START,
-            size: IOAPIC_SIZE,
-            ram: false,
-        },
-        Region {
-            name: "lapic",
-            start: LAPIC_START,
-            size: LAPIC_SIZE,
-            ram: false,
-        },
-    ]);
-    regions.sort_by_key(|r| r.start);
-
     // Devices in name order, so that file order never changes where anything goes.
-    let mut devices: Vec<(String, AnyDevice)> = spec
+    let mut devices: Vec<place::Declared> = spec
         .devices()
         .into_iter()
         .map(|(p, _)| p)
@@ -216,280 +170,87 @@ pub fn lower_with(valid: &ValidSpec, hints: &Hints) -> Result<DeviceGraph, Diags
         .collect();
     devices.sort_by(|a, b| a.1.spec().name().cmp(b.1.spec().name()));
 
-    let mut nodes: Vec<DeviceNode> = Vec::new();
-
-    // Legacy I/O ports: hinted, then single-choice, then the rest, each taking its first free
-    // placement.
-    let mut pio_taken: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
-    let pio: Vec<(&String, &AnyDevice, &'static [PioPlacement])> = devices
-        .iter()
-        .filter_map(|(p, d)| match d.spec().needs() {
-            Needs::Pio(choices) => Some((p, d, choices)),
-            Needs::VirtioPci(_) => None,
-        })
-        .collect();
-    let rank = |d: &AnyDevice, choices: &[PioPlacement]| {
-        let name = d.spec().name();
-        if hints
-            .pio
-            .get(name)
-            .is_some_and(|l| choices.iter().any(|c| c.label == *l))
-        {
-            0
-        } else if choices.len() == 1 {
-            1
-        } else {
-            2
-        }
+    let mut cx = place::Ctx {
+        spans: &loaded.spans,
+        hints,
+        diags: &mut diags,
     };
-    let mut order: Vec<usize> = (0..pio.len()).collect();
-    order.sort_by_key(|&i| rank(pio[i].1, pio[i].2));
-    for i in order {
-        let (ptr, d, choices) = &pio[i];
-        let name = d.spec().name();
-        let hinted = hints
-            .pio
-            .get(name)
-            .and_then(|l| choices.iter().find(|c| c.label == *l));
-        let pick = hinted
-            .filter(|c| !pio_taken.contains_key(c.label))
-            .or_else(|| choices.iter().find(|c| !pio_taken.contains_key(c.label)));
-        match pick {
-            Some(c) => {
-                pio_taken.insert(c.label, (name.to_string(), ptr.to_string()));
-                nodes.push(DeviceNode {
-                    name: name.to_string(),
-                    kind: d.kind(),
-                    placement: Placement::Pio {
-                        label: c.label,
-                        ports: c.ports.to_vec(),
-                        irqs: c.irqs.to_vec(),
-                        acpi: c.acpi,
-                    },
-                    spec: (*d).clone(),
-                });
-            }
-            None if choices.len() == 1 => {
-                let (other, other_ptr) = &pio_taken[choices[0].label];
-                let label = choices[0].label;
-                diags.push(
-                    Diag::error(
-                        "vmm::duplicate",
-                        format!("{label} is already used by `{other}`"),
-                    )
-                    .label(
-                        spans.value(&format!("{ptr}/port")),
-                        format!("`{name}` wants {label} too"),
-                    )
-                    .label(spans.value(&format!("{other_ptr}/port")), "first used here")
-                    .help("remove `port` from one of them to get a free one"),
-                );
-            }
-            None => {
-                let users: Vec<String> = choices
-                    .iter()
-                    .filter_map(|c| {
-                        pio_taken
-                            .get(c.label)
-                            .map(|(u, _)| format!("{} ({u})", c.label))
-                    })
-                    .collect();
-                diags.push(
-                    Diag::error(
-                        "vmm::no-port",
-                        format!("No free I/O port placement for `{name}`"),
-                    )
-                    .label(spans.value(ptr), "cannot be placed")
-                    .help(format!("all taken: {}", users.join(", "))),
-                );
-            }
-        }
-    }
-
-    // PCI bus 0: slot 0 is the host bridge; the highest `hotplug_slots` slots are hotplug slots.
-    let hotplug_first = PCI_SLOTS - spec.pci.hotplug_slots;
-    let mut occupant: Vec<Option<String>> = vec![None; PCI_SLOTS as usize];
-    occupant[0] = Some("host-bridge".into());
-    let pci: Vec<(&String, &AnyDevice, u16, u16)> = devices
-        .iter()
-        .filter_map(|(p, d)| match d.spec().needs() {
-            Needs::VirtioPci(v) => Some((p, d, v.device_type, v.queues())),
-            Needs::Pio(_) => None,
-        })
-        .collect();
-    let mut slot_of: HashMap<&str, u8> = HashMap::new();
-    // 1. Explicit slots (validation made them distinct and legal).
-    for (_, d, _, _) in &pci {
-        if let Some(s) = d.spec().slot() {
-            occupant[s.0 as usize] = Some(d.spec().name().to_string());
-            slot_of.insert(d.spec().name(), s.0);
-        }
-    }
-    let fits = |slot: u8, hotpluggable: bool| slot > 0 && (slot < hotplug_first || hotpluggable);
-    // 2. Hinted slots, where still free and legal.
-    for (_, d, _, _) in &pci {
-        let name = d.spec().name();
-        if slot_of.contains_key(name) {
-            continue;
-        }
-        if let Some(&s) = hints.pci.get(name)
-            && s < PCI_SLOTS
-            && occupant[s as usize].is_none()
-            && fits(s, d.spec().info().hotpluggable)
-        {
-            occupant[s as usize] = Some(name.to_string());
-            slot_of.insert(name, s);
-        }
-    }
-    // 3. The rest, in name order: hot-pluggable kinds into hotplug slots first.
-    let static_free =
-        |occ: &[Option<String>]| (1..hotplug_first).find(|&s| occ[s as usize].is_none());
-    let hotplug_free = |occ: &[Option<String>]| {
-        let free = |s: &u8| occ[*s as usize].is_none();
-        (hotplug_first..PCI_SLOTS)
-            .filter(free)
-            .find(|s| !hints.avoid.contains(s))
-            .or_else(|| (hotplug_first..PCI_SLOTS).find(free))
-    };
-    // Devices that found no slot, reported together: (pointer, device).
-    let mut homeless: Vec<(&String, &AnyDevice)> = Vec::new();
-    for (ptr, d, _, _) in &pci {
-        let name = d.spec().name();
-        if slot_of.contains_key(name) {
-            continue;
-        }
-        let hotpluggable = d.spec().info().hotpluggable;
-        let pick = if hotpluggable {
-            hotplug_free(&occupant).or_else(|| static_free(&occupant))
-        } else {
-            static_free(&occupant)
-        };
-        match pick {
-            Some(s) => {
-                occupant[s as usize] = Some(name.to_string());
-                slot_of.insert(name, s);
-            }
-            None => homeless.push((ptr, d)),
-        }
-    }
-    if let Some(((ptr, first), rest)) = homeless.split_first() {
-        let name = first.spec().name();
-        let others: Vec<String> = rest
-            .iter()
-            .take(3)
-            .map(|(_, d)| format!("`{}`", d.spec().name()))
-            .collect();
-        let title = match rest.len() {
-            0 => format!("No free PCI slot for `{name}`"),
-            n @ 1..=3 => format!(
-                "No free PCI slot for `{name}` and {n} more: {}",
-                others.join(", ")
-            ),
-            n => format!(
-                "No free PCI slot for `{name}` and {n} more: {}, …",
-                others.join(", ")
-            ),
-        };
-        let mut dd = Diag::error("vmm::no-slot", title).label(spans.value(ptr), "does not fit");
-        let statics = u32::from(hotplug_first) - 1;
-        let all_hotpluggable = homeless.iter().all(|(_, d)| d.spec().info().hotpluggable);
-        dd = if all_hotpluggable || spec.pci.hotplug_slots == 0 {
-            dd.help(format!(
-                "bus 0 has 31 slots and the machine has {} PCI devices: remove some",
-                pci.len()
-            ))
-        } else {
-            dd.label(
-                spans.entry("/pci/hotplug_slots"),
-                format!("leaves {statics} static slot{}", if statics == 1 { "" } else { "s" }),
-            )
-            .help(format!(
-                "only hot-pluggable devices ({}) can use hotplug slots: lower `pci.hotplug_slots` or remove a device",
-                hotpluggable_kinds()
-            ))
-        };
-        diags.push(dd);
-    }
-    for (_, d, device_type, queues) in &pci {
-        let name = d.spec().name();
-        let Some(&slot) = slot_of.get(name) else {
-            continue;
-        };
-        let (bar_size, msix_vectors) = virtio_pci::resources(*queues);
-        nodes.push(DeviceNode {
-            name: name.to_string(),
-            kind: d.kind(),
-            placement: Placement::Pci {
-                slot,
-                function: 0,
-                hotplug: slot >= hotplug_first,
-                device_type: *device_type,
-                queues: *queues,
-                msix_vectors,
-                bars: vec![Bar {
-                    index: 0,
-                    addr: slot_window(slot),
-                    size: bar_size,
-                }],
-            },
-            spec: (*d).clone(),
-        });
-    }
-
+    let mut nodes = place::pio(&devices, &mut cx);
+    let (pci_nodes, slots) = place::pci(&devices, spec.pci.hotplug_slots, &mut cx);
+    nodes.extend(pci_nodes);
     if !diags.is_empty() {
         diags.sort_by_key(|d| d.primary_span().map(|s| s.start));
         return Err(diags);
     }
-
     nodes.sort_by_key(|n| match &n.placement {
         Placement::Pio { ports, .. } => (0, u32::from(ports[0].0)),
         Placement::Pci { slot, .. } => (1, u32::from(*slot)),
     });
     let pci_slots = (0..PCI_SLOTS)
-        .map(|s| PciSlotNode {
+        .zip(slots.occupant)
+        .map(|(s, occupant)| PciSlotNode {
             slot: s,
-            hotplug: s >= hotplug_first,
-            occupant: occupant[s as usize].clone(),
+            hotplug: s >= slots.hotplug_first,
+            occupant,
         })
         .collect();
 
-    let mut platform_pio = vec![
-        PlatformPio {
-            name: "acpi-pm",
-            base: ACPI_PM_PIO.0,
-            len: ACPI_PM_PIO.1,
-        },
-        PlatformPio {
-            name: "pci-config",
-            base: PCI_CONFIG_PIO.0,
-            len: PCI_CONFIG_PIO.1,
-        },
-    ];
-    if spec.pci.hotplug_slots > 0 {
-        platform_pio.push(PlatformPio {
-            name: "pci-hotplug",
-            base: PCI_HOTPLUG_PIO.0,
-            len: PCI_HOTPLUG_PIO.1,
-        });
-    }
+    let hotplug = spec.pci.hotplug_slots > 0;
     Ok(DeviceGraph {
         machine: spec.name.to_string(),
         vcpus: spec.vcpus,
         cpu_hide: spec.cpu.hide.clone(),
-        memory: mem,
-        regions,
+        memory: spec.memory.bytes(),
+        regions: regions(spec.memory.bytes()),
         boot: Boot {
             kernel: spec.kernel.clone(),
             initrd: spec.initrd.clone(),
             cmdline: spec.cmdline.clone(),
         },
-        platform_pio,
+        platform_pio: platform_pio(hotplug),
         sci_irq: SCI_IRQ,
-        hotplug_irq: (spec.pci.hotplug_slots > 0).then_some(HOTPLUG_IRQ),
+        hotplug_irq: hotplug.then_some(HOTPLUG_IRQ),
         pci_slots,
         devices: nodes,
         base_dir: loaded.base_dir.clone(),
     })
+}
+
+/// The memory map: RAM below the 32-bit MMIO hole (and above 4 GiB for the rest), then the
+/// fixed MMIO windows, by address.
+fn regions(mem: u64) -> Vec<Region> {
+    let region = |name, start, size, ram| Region {
+        name,
+        start,
+        size,
+        ram,
+    };
+    let low = mem.min(MMIO32_START);
+    let mut regions = vec![region("ram", 0, low, true)];
+    if mem > low {
+        regions.push(region("ram-high", HIGH_RAM_START, mem - low, true));
+    }
+    regions.extend([
+        region("pci-mmio", PCI_MMIO_START, PCI_MMIO_SIZE, false),
+        region("pci-ecam", PCI_ECAM_START, PCI_ECAM_SIZE, false),
+        region("ioapic", IOAPIC_START, IOAPIC_SIZE, false),
+        region("lapic", LAPIC_START, LAPIC_SIZE, false),
+    ]);
+    regions.sort_by_key(|r| r.start);
+    regions
+}
+
+/// The platform's own port ranges (ACPI PM, PCI config, and PCI hotplug when there are slots).
+fn platform_pio(hotplug: bool) -> Vec<PlatformPio> {
+    let range = |name, (base, len): (u16, u16)| PlatformPio { name, base, len };
+    let mut pio = vec![
+        range("acpi-pm", ACPI_PM_PIO),
+        range("pci-config", PCI_CONFIG_PIO),
+    ];
+    if hotplug {
+        pio.push(range("pci-hotplug", PCI_HOTPLUG_PIO));
+    }
+    pio
 }
 
 /// The keys of the kinds that can be hot-plugged, for messages ("net").
