@@ -97,7 +97,11 @@ fn no_port(
     }
     let users: Vec<String> = choices
         .iter()
-        .filter_map(|c| taken.get(c.label).map(|(u, _)| format!("{} ({u})", c.label)))
+        .filter_map(|c| {
+            taken
+                .get(c.label)
+                .map(|(u, _)| format!("{} ({u})", c.label))
+        })
         .collect();
     Diag::error(
         "vmm::no-port",
@@ -251,7 +255,9 @@ fn no_slot(
     slots: &Slots,
     spans: &Spans,
 ) -> Diag {
-    let ((ptr, first), rest) = homeless.split_first().expect("called with homeless devices");
+    let ((ptr, first), rest) = homeless
+        .split_first()
+        .expect("called with homeless devices");
     let name = first.spec().name();
     let others: Vec<String> = rest
         .iter()

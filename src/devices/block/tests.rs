@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::hw::virtio::GuestMem;
 use crate::hw::virtio::testing::{NEXT, WRITE, desc, mem, raw};

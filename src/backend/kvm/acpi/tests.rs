@@ -1,4 +1,3 @@
-
 use super::*;
 
 const BASE: u64 = 0xe0000;
