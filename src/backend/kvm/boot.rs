@@ -18,7 +18,7 @@ use std::io::Read;
 use std::path::Path;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -144,160 +144,36 @@ fn write<T: ByteValued>(
 pub fn load(mem: &GuestMem, graph: &DeviceGraph, rsdp: u64) -> Result<Entry, BootError> {
     let kpath = graph.path(&graph.boot.kernel);
     let kname = kpath.display().to_string();
-    let mut kernel = open_regular(&kpath).map_err(|source| BootError::KernelIo {
-        path: kname.clone(),
-        source,
-    })?;
-    let mut magic = [0u8; 0x206];
-    let n = read_up_to(&mut kernel, &mut magic).map_err(|source| BootError::KernelIo {
-        path: kname.clone(),
-        source,
-    })?;
-    let is_elf = n >= 4 && magic[..4] == *b"\x7fELF";
-    let is_bzimage = n >= 0x206 && magic[0x202..0x206] == *b"HdrS";
-    let load_err = |source| BootError::KernelLoad {
-        path: kname.clone(),
-        source,
-    };
-
-    let mut params = boot_params::default();
-    let (entry, kernel_end) = if is_elf {
-        let r =
-            Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-        match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(addr) => (
-                Entry {
-                    mode: EntryMode::Pvh,
-                    rip: addr.raw_value(),
-                    format: "ELF vmlinux, PVH entry",
-                },
-                r.kernel_end,
-            ),
-            _ => (
-                Entry {
-                    mode: EntryMode::Linux64,
-                    rip: r.kernel_load.raw_value(),
-                    format: "ELF vmlinux, 64-bit entry",
-                },
-                r.kernel_end,
-            ),
-        }
-    } else if is_bzimage {
-        let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
-        if let Some(hdr) = r.setup_header {
-            params.hdr = hdr;
-        }
-        // The 64-bit entry point is 0x200 past the protected-mode code's start.
-        let rip = r.kernel_load.raw_value() + 0x200;
-        (
-            Entry {
-                mode: EntryMode::Linux64,
-                rip,
-                format: "bzImage, 64-bit entry",
-            },
-            r.kernel_end,
-        )
-    } else {
-        return Err(BootError::KernelFormat { path: kname });
-    };
+    let kernel = load_kernel(mem, &kpath)?;
+    let entry = kernel.entry;
     let low_end = graph
         .regions
         .iter()
         .find(|r| r.ram && r.start == 0)
         .map_or(0, |r| r.end());
-    if kernel_end > low_end {
+    if kernel.end > low_end {
         return Err(BootError::KernelTooBig {
             path: kname,
-            end: kernel_end,
+            end: kernel.end,
             mem: human_size(graph.memory),
         });
     }
-
-    // Command line.
-    let cmdline = graph.boot.cmdline.as_bytes();
-    if cmdline.len() >= 2048 {
-        return Err(BootError::Cmdline);
-    }
-    mem.write_slice(cmdline, GuestAddress(CMDLINE_ADDR))
-        .map_err(|_| BootError::Write {
-            addr: CMDLINE_ADDR,
-            what: "command line",
-        })?;
-    mem.write_obj(0u8, GuestAddress(CMDLINE_ADDR + cmdline.len() as u64))
-        .map_err(|_| BootError::Write {
-            addr: CMDLINE_ADDR,
-            what: "command line",
-        })?;
-
+    let cmdline = write_cmdline(mem, &graph.boot.cmdline)?;
     // Initrd at the top of low RAM, page aligned.
     let initrd = match &graph.boot.initrd {
         Some(p) => Some(load_initrd(
             mem,
             &graph.path(p),
-            kernel_end,
+            kernel.end,
             low_end.min(HIGH_RAM_START),
         )?),
         None => None,
     };
-
     let map = memory_map(graph);
     match entry.mode {
-        EntryMode::Pvh => {
-            let mut info = hvm_start_info {
-                magic: XEN_HVM_START_MAGIC,
-                version: 1,
-                cmdline_paddr: CMDLINE_ADDR,
-                rsdp_paddr: rsdp,
-                memmap_paddr: PVH_MEMMAP_ADDR,
-                memmap_entries: map.len() as u32,
-                ..Default::default()
-            };
-            if let Some((addr, size)) = initrd {
-                let m = hvm_modlist_entry {
-                    paddr: addr,
-                    size,
-                    ..Default::default()
-                };
-                write(mem, PVH_MODLIST_ADDR, &m, "PVH module list")?;
-                info.nr_modules = 1;
-                info.modlist_paddr = PVH_MODLIST_ADDR;
-            }
-            write(mem, PVH_INFO_ADDR, &info, "PVH start info")?;
-            for (i, &(addr, size, ty)) in map.iter().enumerate() {
-                let e = hvm_memmap_table_entry {
-                    addr,
-                    size,
-                    type_: ty,
-                    reserved: 0,
-                };
-                write(mem, PVH_MEMMAP_ADDR + 24 * i as u64, &e, "PVH memory map")?;
-            }
-        }
+        EntryMode::Pvh => write_pvh_info(mem, &map, rsdp, initrd)?,
         EntryMode::Linux64 => {
-            let hdr = &mut params.hdr;
-            hdr.type_of_loader = 0xff;
-            hdr.boot_flag = 0xaa55;
-            hdr.header = 0x5372_6448; // "HdrS"
-            hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-            hdr.cmdline_size = cmdline.len() as u32;
-            hdr.loadflags |= 0x01; // LOADED_HIGH
-            if hdr.kernel_alignment == 0 {
-                hdr.kernel_alignment = 0x100_0000;
-            }
-            if let Some((addr, size)) = initrd {
-                hdr.ramdisk_image = addr as u32;
-                hdr.ramdisk_size = size as u32;
-            }
-            params.acpi_rsdp_addr = rsdp;
-            for (i, &(addr, size, ty)) in map.iter().take(params.e820_table.len()).enumerate() {
-                params.e820_table[i] = boot_e820_entry {
-                    addr,
-                    size,
-                    r#type: ty,
-                };
-            }
-            params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+            let params = zero_page(kernel.setup, cmdline, &map, rsdp, initrd);
             write(mem, ZERO_PAGE_ADDR, &params, "boot parameters")?;
         }
     }
@@ -309,6 +185,164 @@ pub fn load(mem: &GuestMem, graph: &DeviceGraph, rsdp: u64) -> Result<Entry, Boo
         entry.rip
     );
     Ok(entry)
+}
+
+/// A kernel in guest memory.
+struct Kernel {
+    entry: Entry,
+    /// The first byte past the image.
+    end: u64,
+    /// A bzImage's setup header, the start of its zero page.
+    setup: Option<setup_header>,
+}
+
+/// Loads an ELF vmlinux (PVH entry when it has one) or a bzImage at 1 MiB.
+fn load_kernel(mem: &GuestMem, path: &Path) -> Result<Kernel, BootError> {
+    let kname = path.display().to_string();
+    let io_err = |source| BootError::KernelIo {
+        path: kname.clone(),
+        source,
+    };
+    let mut kernel = open_regular(path).map_err(io_err)?;
+    let mut magic = [0u8; 0x206];
+    let n = read_up_to(&mut kernel, &mut magic).map_err(io_err)?;
+    let is_elf = n >= 4 && magic[..4] == *b"\x7fELF";
+    let is_bzimage = n >= 0x206 && magic[0x202..0x206] == *b"HdrS";
+    let load_err = |source| BootError::KernelLoad {
+        path: kname.clone(),
+        source,
+    };
+    let at = Some(GuestAddress(HIMEM_START));
+    if is_elf {
+        let r = Elf::load(mem, None, &mut kernel, at).map_err(load_err)?;
+        let entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => Entry {
+                mode: EntryMode::Pvh,
+                rip: addr.raw_value(),
+                format: "ELF vmlinux, PVH entry",
+            },
+            _ => Entry {
+                mode: EntryMode::Linux64,
+                rip: r.kernel_load.raw_value(),
+                format: "ELF vmlinux, 64-bit entry",
+            },
+        };
+        return Ok(Kernel {
+            entry,
+            end: r.kernel_end,
+            setup: None,
+        });
+    }
+    if is_bzimage {
+        let r = BzImage::load(mem, None, &mut kernel, at).map_err(load_err)?;
+        // The 64-bit entry point is 0x200 past the protected-mode code's start.
+        let entry = Entry {
+            mode: EntryMode::Linux64,
+            rip: r.kernel_load.raw_value() + 0x200,
+            format: "bzImage, 64-bit entry",
+        };
+        return Ok(Kernel {
+            entry,
+            end: r.kernel_end,
+            setup: r.setup_header,
+        });
+    }
+    Err(BootError::KernelFormat { path: kname })
+}
+
+/// Writes the NUL-terminated command line; its length.
+fn write_cmdline(mem: &GuestMem, cmdline: &str) -> Result<usize, BootError> {
+    let cmdline = cmdline.as_bytes();
+    if cmdline.len() >= 2048 {
+        return Err(BootError::Cmdline);
+    }
+    let fail = |_| BootError::Write {
+        addr: CMDLINE_ADDR,
+        what: "command line",
+    };
+    mem.write_slice(cmdline, GuestAddress(CMDLINE_ADDR))
+        .map_err(fail)?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE_ADDR + cmdline.len() as u64))
+        .map_err(fail)?;
+    Ok(cmdline.len())
+}
+
+/// The PVH start info, module list (the initrd) and memory map.
+fn write_pvh_info(
+    mem: &GuestMem,
+    map: &[(u64, u64, u32)],
+    rsdp: u64,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: rsdp,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((addr, size)) = initrd {
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        write(mem, PVH_MODLIST_ADDR, &m, "PVH module list")?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_ADDR;
+    }
+    write(mem, PVH_INFO_ADDR, &info, "PVH start info")?;
+    for (i, &(addr, size, ty)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: ty,
+            reserved: 0,
+        };
+        write(mem, PVH_MEMMAP_ADDR + 24 * i as u64, &e, "PVH memory map")?;
+    }
+    Ok(())
+}
+
+/// The Linux zero page: the image's setup header completed as a boot loader does, the e820
+/// map, the RSDP and the initrd.
+fn zero_page(
+    setup: Option<setup_header>,
+    cmdline_len: usize,
+    map: &[(u64, u64, u32)],
+    rsdp: u64,
+    initrd: Option<(u64, u64)>,
+) -> boot_params {
+    let mut params = boot_params::default();
+    if let Some(hdr) = setup {
+        params.hdr = hdr;
+    }
+    let hdr = &mut params.hdr;
+    hdr.type_of_loader = 0xff;
+    hdr.boot_flag = 0xaa55;
+    hdr.header = 0x5372_6448; // "HdrS"
+    hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    hdr.cmdline_size = cmdline_len as u32;
+    hdr.loadflags |= 0x01; // LOADED_HIGH
+    if hdr.kernel_alignment == 0 {
+        hdr.kernel_alignment = 0x100_0000;
+    }
+    if let Some((addr, size)) = initrd {
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp;
+    for (i, &(addr, size, ty)) in map.iter().take(params.e820_table.len()).enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: ty,
+        };
+    }
+    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+    params
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
