@@ -336,135 +336,39 @@ impl Cx<'_> {
                     .label(self.doc.spans.value(&ptr), "matches more than one form"),
             ),
             K::AdditionalProperties { got } => {
-                let allowed: Vec<&str> = self
-                    .node(e.schema_url)
-                    .and_then(|n| n.get("properties"))
-                    .and_then(Value::as_object)
-                    .map(|m| m.keys().map(String::as_str).collect())
-                    .unwrap_or_default();
-                for key in got {
-                    let kptr = format!("{ptr}/{}", escape_token(key));
-                    let mut d = Diag::error(
-                        "vmm::unknown-key",
-                        format!("Unknown key `{key}` in {}", Self::what(&ptr)),
-                    )
-                    .label(self.doc.spans.key(&kptr), "not a known key");
-                    d = match suggest(key, &allowed) {
-                        Some(s) => d.help(format!("did you mean `{s}`?")),
-                        None => d.help(format!("known keys: {}", allowed.join(", "))),
-                    };
-                    out.push(d);
-                }
+                out.extend(got.iter().map(|k| self.unknown_key(e, &ptr, k)))
             }
-            K::Required { want } => {
-                // An unknown key that looks like this one is the better report ("did you mean").
-                let unknown: Vec<String> = self
-                    .value_at(&ptr)
-                    .and_then(Value::as_object)
-                    .map(|o| o.keys().cloned().collect())
-                    .unwrap_or_default();
-                for key in want {
-                    if unknown
-                        .iter()
-                        .any(|u| u != key && suggest(u, &[key]) == Some(key))
-                    {
-                        continue;
-                    }
-                    let mut d = Diag::error(
-                        "vmm::missing-key",
-                        format!(
-                            "{} is missing the required key `{key}`",
-                            capital(&Self::what(&ptr))
-                        ),
-                    )
-                    .label(self.head(&ptr), format!("`{key}` is required here"));
-                    if let Some(desc) = self
-                        .node(e.schema_url)
-                        .and_then(|n| n.pointer(&format!("/properties/{}", escape_token(key))))
-                        .and_then(|p| self.describe(p))
-                    {
-                        d = d.help(format!("`{key}`: {desc}"));
-                    }
-                    out.push(d);
-                }
-            }
-            K::Type { got, want } => {
-                let want: Vec<&str> = want.iter().map(toml_type).collect();
-                let got_s = self
-                    .value_at(&ptr)
-                    .map(value_type)
-                    .unwrap_or(toml_type(*got));
-                let mut d = Diag::error(
-                    "vmm::type",
-                    format!(
-                        "{} must be {}, not {got_s}",
-                        capital(&Self::what(&ptr)),
-                        want.join(" or ")
-                    ),
-                )
-                .label(self.doc.spans.value(&ptr), got_s.to_string());
-                if let Some(ex) = self.node(e.schema_url).and_then(|n| self.example(n)) {
-                    d = d.help(format!("for example: {} = {ex}", last_key(&ptr)));
-                }
-                out.push(d);
-            }
-            K::Enum { want } => {
-                let names: Vec<String> = want.iter().map(|v| v.to_string()).collect();
-                let mut d = Diag::error(
-                    "vmm::value",
-                    format!(
-                        "{} must be one of {}",
-                        capital(&Self::what(&ptr)),
-                        names.join(", ")
-                    ),
-                )
-                .label(self.doc.spans.value(&ptr), "not one of them");
-                if let Some(Value::String(s)) = self.value_at(&ptr) {
-                    let strs: Vec<&str> = want.iter().filter_map(Value::as_str).collect();
-                    if let Some(sug) = suggest(s, &strs) {
-                        d = d.help(format!("did you mean \"{sug}\"?"));
-                    }
-                }
-                out.push(d);
-            }
+            K::Required { want } => out.extend(self.missing_keys(e, &ptr, want)),
+            K::Type { got, want } => out.push(self.wrong_type(e, &ptr, *got, want)),
+            K::Enum { want } => out.push(self.not_in_enum(&ptr, want)),
             K::Pattern { got, want } => {
                 let node = self.node(e.schema_url);
                 out.push(self.pattern(&ptr, got, want, node))
             }
-            K::Minimum { got, want } | K::ExclusiveMinimum { got, want } => out.push(
-                Diag::error(
-                    "vmm::range",
-                    format!("{} must be at least {want}", capital(&Self::what(&ptr))),
-                )
-                .label(self.doc.spans.value(&ptr), format!("{got} is too small")),
-            ),
-            K::Maximum { got, want } | K::ExclusiveMaximum { got, want } => out.push(
-                Diag::error(
-                    "vmm::range",
-                    format!("{} must be at most {want}", capital(&Self::what(&ptr))),
-                )
-                .label(self.doc.spans.value(&ptr), format!("{got} is too large")),
-            ),
-            K::MinLength { want, .. } => out.push(
-                Diag::error(
-                    "vmm::value",
-                    format!(
-                        "{} must have at least {want} character(s)",
-                        capital(&Self::what(&ptr))
-                    ),
-                )
-                .label(self.doc.spans.value(&ptr), "too short"),
-            ),
-            K::MaxLength { got, want } => out.push(
-                Diag::error(
-                    "vmm::value",
-                    format!(
-                        "{} must have at most {want} characters",
-                        capital(&Self::what(&ptr))
-                    ),
-                )
-                .label(self.doc.spans.value(&ptr), format!("{got} characters")),
-            ),
+            K::Minimum { got, want } | K::ExclusiveMinimum { got, want } => out.push(self.simple(
+                &ptr,
+                "vmm::range",
+                format!("must be at least {want}"),
+                format!("{got} is too small"),
+            )),
+            K::Maximum { got, want } | K::ExclusiveMaximum { got, want } => out.push(self.simple(
+                &ptr,
+                "vmm::range",
+                format!("must be at most {want}"),
+                format!("{got} is too large"),
+            )),
+            K::MinLength { want, .. } => out.push(self.simple(
+                &ptr,
+                "vmm::value",
+                format!("must have at least {want} character(s)"),
+                "too short".into(),
+            )),
+            K::MaxLength { got, want } => out.push(self.simple(
+                &ptr,
+                "vmm::value",
+                format!("must have at most {want} characters"),
+                format!("{got} characters"),
+            )),
             other => out.push(
                 Diag::error(
                     "vmm::type",
@@ -472,6 +376,118 @@ impl Cx<'_> {
                 )
                 .label(self.doc.spans.value(&ptr), "here"),
             ),
+        }
+    }
+
+    /// "`x` must …" at the value.
+    fn simple(&self, ptr: &str, code: &'static str, must: String, label: String) -> Diag {
+        Diag::error(code, format!("{} {must}", capital(&Self::what(ptr))))
+            .label(self.doc.spans.value(ptr), label)
+    }
+
+    /// `key` is not among the table's properties (the closest one suggested).
+    fn unknown_key(&self, e: &boon::ValidationError<'_, '_>, ptr: &str, key: &str) -> Diag {
+        let allowed: Vec<&str> = self
+            .node(e.schema_url)
+            .and_then(|n| n.get("properties"))
+            .and_then(Value::as_object)
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let kptr = format!("{ptr}/{}", escape_token(key));
+        let d = Diag::error(
+            "vmm::unknown-key",
+            format!("Unknown key `{key}` in {}", Self::what(ptr)),
+        )
+        .label(self.doc.spans.key(&kptr), "not a known key");
+        match suggest(key, &allowed) {
+            Some(s) => d.help(format!("did you mean `{s}`?")),
+            None => d.help(format!("known keys: {}", allowed.join(", "))),
+        }
+    }
+
+    /// Required keys that are missing, except those an unknown key looks like (the unknown key's
+    /// "did you mean" is the better report).
+    fn missing_keys(
+        &self,
+        e: &boon::ValidationError<'_, '_>,
+        ptr: &str,
+        want: &[&str],
+    ) -> Vec<Diag> {
+        let present: Vec<String> = self
+            .value_at(ptr)
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for &key in want {
+            if present
+                .iter()
+                .any(|u| u != key && suggest(u, &[key]) == Some(key))
+            {
+                continue;
+            }
+            let mut d = Diag::error(
+                "vmm::missing-key",
+                format!(
+                    "{} is missing the required key `{key}`",
+                    capital(&Self::what(ptr))
+                ),
+            )
+            .label(self.head(ptr), format!("`{key}` is required here"));
+            if let Some(desc) = self
+                .node(e.schema_url)
+                .and_then(|n| n.pointer(&format!("/properties/{}", escape_token(key))))
+                .and_then(|p| self.describe(p))
+            {
+                d = d.help(format!("`{key}`: {desc}"));
+            }
+            out.push(d);
+        }
+        out
+    }
+
+    fn wrong_type(
+        &self,
+        e: &boon::ValidationError<'_, '_>,
+        ptr: &str,
+        got: boon::Type,
+        want: &boon::Types,
+    ) -> Diag {
+        let want: Vec<&str> = want.iter().map(toml_type).collect();
+        let got_s = self.value_at(ptr).map(value_type).unwrap_or(toml_type(got));
+        let d = Diag::error(
+            "vmm::type",
+            format!(
+                "{} must be {}, not {got_s}",
+                capital(&Self::what(ptr)),
+                want.join(" or ")
+            ),
+        )
+        .label(self.doc.spans.value(ptr), got_s.to_string());
+        match self.node(e.schema_url).and_then(|n| self.example(n)) {
+            Some(ex) => d.help(format!("for example: {} = {ex}", last_key(ptr))),
+            None => d,
+        }
+    }
+
+    fn not_in_enum(&self, ptr: &str, want: &[Value]) -> Diag {
+        let names: Vec<String> = want.iter().map(|v| v.to_string()).collect();
+        let d = Diag::error(
+            "vmm::value",
+            format!(
+                "{} must be one of {}",
+                capital(&Self::what(ptr)),
+                names.join(", ")
+            ),
+        )
+        .label(self.doc.spans.value(ptr), "not one of them");
+        let strs: Vec<&str> = want.iter().filter_map(Value::as_str).collect();
+        match self.value_at(ptr) {
+            Some(Value::String(s)) => match suggest(s, &strs) {
+                Some(sug) => d.help(format!("did you mean \"{sug}\"?")),
+                None => d,
+            },
+            _ => d,
         }
     }
 
