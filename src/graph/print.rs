@@ -16,6 +16,17 @@ pub fn render(g: &DeviceGraph) -> String {
 }
 
 fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
+    machine(g, o)?;
+    boot(g, o)?;
+    memory_map(g, o)?;
+    pio_bus(g, o)?;
+    pci_bus(g, o)?;
+    interrupts(g, o)?;
+    devices(g, o)
+}
+
+/// The machine's name, vCPUs, RAM and CPU profile.
+fn machine(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     let cpus = if g.vcpus == 1 {
         "1 vCPU".to_string()
     } else {
@@ -31,14 +42,22 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
         let names: Vec<&str> = g.cpu_hide.iter().map(|f| f.name()).collect();
         writeln!(o, "cpu: host profile without {}", names.join(", "))?;
     }
+    Ok(())
+}
 
+/// Kernel, initrd and command line.
+fn boot(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     writeln!(o, "\nboot")?;
     writeln!(o, "  kernel   {}", g.boot.kernel)?;
     if let Some(i) = &g.boot.initrd {
         writeln!(o, "  initrd   {i}")?;
     }
     writeln!(o, "  cmdline  {:?}", g.boot.cmdline)?;
+    Ok(())
+}
 
+/// The regions of the guest physical address space.
+fn memory_map(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     writeln!(o, "\nmemory map")?;
     for r in &g.regions {
         writeln!(
@@ -50,7 +69,11 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
             human_size(r.size)
         )?;
     }
+    Ok(())
+}
 
+/// Platform and legacy device port ranges, by port.
+fn pio_bus(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     writeln!(o, "\npio bus")?;
     let mut pio: Vec<(u16, String)> = Vec::new();
     for p in &g.platform_pio {
@@ -78,7 +101,11 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     for (_, line) in pio {
         writeln!(o, "  {line}")?;
     }
+    Ok(())
+}
 
+/// Bus 0 slot by slot (empty static slots left out).
+fn pci_bus(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     let first_hotplug = g.pci_slots.iter().find(|s| s.hotplug).map(|s| s.slot);
     let layout = match first_hotplug {
         Some(h) => format!("slots 1-{} static, {h}-31 hotplug", h - 1),
@@ -128,7 +155,11 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
             )?;
         }
     }
+    Ok(())
+}
 
+/// IOAPIC pins by number, then the MSI-X vector count.
+fn interrupts(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     writeln!(o, "\ninterrupts")?;
     let mut irqs: Vec<(u8, String)> = vec![(g.sci_irq, "acpi-sci".into())];
     if let Some(i) = g.hotplug_irq {
@@ -157,7 +188,11 @@ fn write(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
         })
         .sum();
     writeln!(o, "  msi-x      {msix} vectors on bus 0")?;
+    Ok(())
+}
 
+/// Each device with the properties it describes.
+fn devices(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
     writeln!(o, "\ndevices")?;
     for d in &g.devices {
         let props = d.spec.spec().describe(&g.machine);
