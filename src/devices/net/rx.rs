@@ -124,119 +124,162 @@ pub fn rx<M: GuestMemory>(
     offloads: RxOffloads,
     budget: usize,
 ) -> RxOutcome {
-    let mut out = RxOutcome::default();
-    let mut slices: Vec<Slice<'_, M>> = Vec::new();
-    let mut frame: Vec<Slice<'_, M>> = Vec::new();
-    let mut guards: Vec<PtrGuardMut> = Vec::new();
-    let mut iov: Vec<libc::iovec> = Vec::new();
-    let mut work = 0usize;
-    'chains: loop {
-        if work >= budget {
-            out.stop = RxStop::Budget;
-            return out;
+    let mut rx = Rx {
+        queue,
+        mem,
+        tap,
+        offloads,
+        budget,
+        work: 0,
+        out: RxOutcome::default(),
+        slices: Vec::new(),
+        frame: Vec::new(),
+        guards: Vec::new(),
+        iov: Vec::new(),
+    };
+    rx.out.stop = rx.run();
+    rx.out
+}
+
+/// One [`rx`] batch; the vectors are reused from chain to chain.
+struct Rx<'a, 'm, M: GuestMemory> {
+    queue: &'a mut Queue,
+    mem: &'m M,
+    tap: BorrowedFd<'a>,
+    offloads: RxOffloads,
+    budget: usize,
+    /// Chains popped plus reads done: the batch ends at `budget`.
+    work: usize,
+    out: RxOutcome,
+    /// The chain's writable buffers.
+    slices: Vec<Slice<'m, M>>,
+    /// The frame's part of the chain: everything after the header.
+    frame: Vec<Slice<'m, M>>,
+    guards: Vec<PtrGuardMut>,
+    iov: Vec<libc::iovec>,
+}
+
+impl<'m, M: GuestMemory> Rx<'_, 'm, M> {
+    /// Counts one unit of work; false when the budget is spent.
+    fn work(&mut self) -> bool {
+        if self.work >= self.budget {
+            return false;
         }
-        work += 1;
-        let chain = match pop(queue, mem) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                out.stop = RxStop::NoBuffers;
-                return out;
+        self.work += 1;
+        true
+    }
+
+    fn run(&mut self) -> RxStop {
+        loop {
+            if !self.work() {
+                return RxStop::Budget;
             }
-            Err(e) => {
-                out.stop = RxStop::RingError(format!("receive queue: {e}"));
-                return out;
-            }
-        };
-        let head = chain.head_index();
-        slices.clear();
-        let cap = match gather(mem, chain, true, usize::MAX, &mut slices) {
-            Ok(cap) => cap,
-            Err(why) => {
-                out.bad_chains += 1;
-                out.last_bad = Some(why);
-                if queue.add_used(mem, head, 0).is_ok() {
-                    out.used += 1;
+            let chain = match pop(self.queue, self.mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return RxStop::NoBuffers,
+                Err(e) => return RxStop::RingError(format!("receive queue: {e}")),
+            };
+            let head = chain.head_index();
+            self.slices.clear();
+            match gather(self.mem, chain, true, usize::MAX, &mut self.slices) {
+                Ok(cap) => {
+                    if let Some(stop) = self.fill(head, cap) {
+                        return stop;
+                    }
                 }
-                continue;
+                Err(why) => {
+                    self.out.bad_chains += 1;
+                    self.out.last_bad = Some(why);
+                    if self.queue.add_used(self.mem, head, 0).is_ok() {
+                        self.out.used += 1;
+                    }
+                }
             }
-        };
-        // The frame's part of the chain: everything after the first 12 bytes.
-        frame.clear();
+        }
+    }
+
+    /// Everything after the first 12 bytes of the chain.
+    fn split_frame(&mut self) {
+        self.frame.clear();
         let mut skip = VNET_HDR_LEN;
-        for s in &slices {
+        for s in &self.slices {
             if skip >= s.len() {
                 skip -= s.len();
                 continue;
             }
             // Cannot fail: skip < len.
             if let Ok(rest) = s.offset(skip) {
-                frame.push(rest);
+                self.frame.push(rest);
             }
             skip = 0;
         }
+    }
+
+    /// Reads until a packet fits the chain `head` of `cap` bytes (dropping those that do not);
+    /// `Some` when the batch ends instead.
+    fn fill(&mut self, head: u16, cap: usize) -> Option<RxStop> {
+        self.split_frame();
         let mut hdr = [0u8; VNET_HDR_LEN];
         // One byte past the chain: a packet that reaches it did not fit.
         let mut overflow = [0u8; 1];
-        guards.clear();
-        guards.extend(frame.iter().map(|s| s.ptr_guard_mut()));
-        iov.clear();
-        iov.push(libc::iovec {
+        self.guards.clear();
+        self.guards
+            .extend(self.frame.iter().map(|s| s.ptr_guard_mut()));
+        self.iov.clear();
+        self.iov.push(libc::iovec {
             iov_base: hdr.as_mut_ptr().cast(),
             iov_len: hdr.len(),
         });
-        iov.extend(guards.iter().map(|g| libc::iovec {
+        self.iov.extend(self.guards.iter().map(|g| libc::iovec {
             iov_base: g.as_ptr().cast(),
             iov_len: g.len(),
         }));
-        iov.push(libc::iovec {
+        self.iov.push(libc::iovec {
             iov_base: overflow.as_mut_ptr().cast(),
             iov_len: overflow.len(),
         });
-        // Read until a packet fits this chain (dropping those that do not).
         loop {
-            iov[0].iov_base = hdr.as_mut_ptr().cast();
-            if let Some(last) = iov.last_mut() {
+            self.iov[0].iov_base = hdr.as_mut_ptr().cast();
+            if let Some(last) = self.iov.last_mut() {
                 last.iov_base = overflow.as_mut_ptr().cast();
             }
-            let n = match readv(tap, &iov) {
+            let n = match readv(self.tap, &self.iov) {
                 Ok(0) => {
-                    queue.go_to_previous_position();
-                    out.stop =
-                        RxStop::Fault(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file"));
-                    return out;
+                    self.queue.go_to_previous_position();
+                    let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "end of file");
+                    return Some(RxStop::Fault(eof));
                 }
                 Ok(n) => n,
                 Err(e) => {
                     // The chain stays available for the next packet.
-                    queue.go_to_previous_position();
-                    if is_host_fault(&e) {
-                        out.stop = RxStop::Fault(e);
+                    self.queue.go_to_previous_position();
+                    return Some(if is_host_fault(&e) {
+                        RxStop::Fault(e)
                     } else if e.kind() != io::ErrorKind::WouldBlock {
-                        out.stop = RxStop::Error(e);
-                    }
-                    return out;
+                        RxStop::Error(e)
+                    } else {
+                        RxStop::Drained
+                    });
                 }
             };
             if n > cap {
-                out.too_big += 1;
-            } else if n <= VNET_HDR_LEN || !fix_rx_header(&mut hdr, offloads) {
-                out.dropped += 1;
+                self.out.too_big += 1;
+            } else if n <= VNET_HDR_LEN || !fix_rx_header(&mut hdr, self.offloads) {
+                self.out.dropped += 1;
             } else {
-                write_header(&slices, &hdr);
-                mark_dirty(&frame, n - VNET_HDR_LEN);
-                if queue.add_used(mem, head, n as u32).is_ok() {
-                    out.used += 1;
+                write_header(&self.slices, &hdr);
+                mark_dirty(&self.frame, n - VNET_HDR_LEN);
+                if self.queue.add_used(self.mem, head, n as u32).is_ok() {
+                    self.out.used += 1;
                 }
-                out.packets += 1;
-                out.bytes += (n - VNET_HDR_LEN) as u64;
-                continue 'chains;
+                self.out.packets += 1;
+                self.out.bytes += (n - VNET_HDR_LEN) as u64;
+                return None;
             }
-            if work >= budget {
-                queue.go_to_previous_position();
-                out.stop = RxStop::Budget;
-                return out;
+            if !self.work() {
+                self.queue.go_to_previous_position();
+                return Some(RxStop::Budget);
             }
-            work += 1;
         }
     }
 }
