@@ -221,112 +221,128 @@ fn device_changes(
     ng: &DeviceGraph,
     out: &mut Vec<Change>,
 ) {
-    let free_hotplug = ng.hotplug_slots().filter(|s| s.occupant.is_none()).count();
-    for o in &og.devices {
-        if ng.device(&o.name).is_some() {
-            continue;
-        }
-        let ptr = device_ptr(old, &o.name).unwrap_or_default();
-        let reason = (!live(o)).then(|| {
-            if o.kind.info().hotpluggable {
-                format!("`{}` is in {}, not a hotplug slot", o.name, where_(o))
-            } else {
-                format!("`{}` devices cannot be removed from a running VM", o.kind)
-            }
-        });
-        out.push(Change {
-            class: if live(o) {
-                Class::HotApply
-            } else {
-                Class::NeedsRestart
-            },
-            action: Action::Remove,
-            device: Some(o.name.clone()),
-            subject: format!("{} `{}`", o.kind, o.name),
-            detail: format!("remove from {}", where_(o)),
-            reason,
-            span: old.loaded().spans.entry(&format!("{ptr}/name")),
-            side: Side::Old,
-        });
+    for o in og.devices.iter().filter(|o| ng.device(&o.name).is_none()) {
+        out.push(removed(old, o));
     }
     for n in &ng.devices {
-        let ptr = device_ptr(new, &n.name).unwrap_or_default();
-        let Some(o) = og.device(&n.name) else {
-            let reason = (!live(n)).then(|| {
-                if !n.kind.info().hotpluggable {
-                    format!("`{}` devices cannot be added to a running VM", n.kind)
-                } else if free_hotplug == 0 || og.hotplug_slots().all(|s| s.occupant.is_some()) {
-                    format!(
-                        "no free hotplug slot: raise `pci.hotplug_slots` (needs a restart) or remove a {}",
-                        n.kind.info().noun
-                    )
-                } else {
-                    format!("`{}` is placed in {}, not a hotplug slot", n.name, where_(n))
-                }
-            });
-            out.push(Change {
-                class: if live(n) {
-                    Class::HotApply
-                } else {
-                    Class::NeedsRestart
-                },
-                action: Action::Add,
-                device: Some(n.name.clone()),
-                subject: format!("{} `{}`", n.kind, n.name),
-                detail: format!("add into {}", where_(n)),
-                reason,
-                span: new.loaded().spans.entry(&format!("{ptr}/name")),
-                side: Side::New,
-            });
-            continue;
-        };
-        if o == n {
-            continue;
+        match og.device(&n.name) {
+            None => out.push(added(new, og, ng, n)),
+            Some(o) if o != n => changed(new, o, n, out),
+            Some(_) => {}
         }
-        let a = serde_json::to_value(&o.spec).unwrap_or_default();
-        let b = serde_json::to_value(&n.spec).unwrap_or_default();
-        let mut keys = Vec::new();
-        differing("", Some(&a), Some(&b), &mut keys);
-        if keys.is_empty() || o.kind != n.kind {
-            let moved = o.placement != n.placement && o.kind == n.kind;
-            out.push(Change {
-                class: Class::NeedsRestart,
-                action: Action::Change,
-                device: Some(n.name.clone()),
-                subject: format!("{} `{}`", n.kind, n.name),
-                detail: if moved {
-                    format!("moves from {} to {}", where_(o), where_(n))
-                } else {
-                    format!("becomes a {} device", n.kind)
-                },
-                reason: Some("a device's kind and place are fixed while the VM runs".into()),
-                span: new.loaded().spans.entry(&format!("{ptr}/name")),
-                side: Side::New,
-            });
-            continue;
+    }
+}
+
+fn class(live: bool) -> Class {
+    if live {
+        Class::HotApply
+    } else {
+        Class::NeedsRestart
+    }
+}
+
+fn removed(old: &ValidSpec, o: &DeviceNode) -> Change {
+    let ptr = device_ptr(old, &o.name).unwrap_or_default();
+    let reason = (!live(o)).then(|| {
+        if o.kind.info().hotpluggable {
+            format!("`{}` is in {}, not a hotplug slot", o.name, where_(o))
+        } else {
+            format!("`{}` devices cannot be removed from a running VM", o.kind)
         }
-        for k in keys {
-            let full = format!("{ptr}{k}");
-            let spans = &new.loaded().spans;
-            let span = if spans.get(&full).is_some() {
-                spans.entry(&full)
+    });
+    Change {
+        class: class(live(o)),
+        action: Action::Remove,
+        device: Some(o.name.clone()),
+        subject: format!("{} `{}`", o.kind, o.name),
+        detail: format!("remove from {}", where_(o)),
+        reason,
+        span: old.loaded().spans.entry(&format!("{ptr}/name")),
+        side: Side::Old,
+    }
+}
+
+fn added(new: &ValidSpec, og: &DeviceGraph, ng: &DeviceGraph, n: &DeviceNode) -> Change {
+    let ptr = device_ptr(new, &n.name).unwrap_or_default();
+    let free_hotplug = ng.hotplug_slots().filter(|s| s.occupant.is_none()).count();
+    let reason = (!live(n)).then(|| {
+        if !n.kind.info().hotpluggable {
+            format!("`{}` devices cannot be added to a running VM", n.kind)
+        } else if free_hotplug == 0 || og.hotplug_slots().all(|s| s.occupant.is_some()) {
+            format!(
+                "no free hotplug slot: raise `pci.hotplug_slots` (needs a restart) or remove a {}",
+                n.kind.info().noun
+            )
+        } else {
+            format!(
+                "`{}` is placed in {}, not a hotplug slot",
+                n.name,
+                where_(n)
+            )
+        }
+    });
+    Change {
+        class: class(live(n)),
+        action: Action::Add,
+        device: Some(n.name.clone()),
+        subject: format!("{} `{}`", n.kind, n.name),
+        detail: format!("add into {}", where_(n)),
+        reason,
+        span: new.loaded().spans.entry(&format!("{ptr}/name")),
+        side: Side::New,
+    }
+}
+
+/// A device kept by name whose kind, place or settings differ: all need a restart.
+fn changed(new: &ValidSpec, o: &DeviceNode, n: &DeviceNode, out: &mut Vec<Change>) {
+    let ptr = device_ptr(new, &n.name).unwrap_or_default();
+    let spans = &new.loaded().spans;
+    let a = serde_json::to_value(&o.spec).unwrap_or_default();
+    let b = serde_json::to_value(&n.spec).unwrap_or_default();
+    let mut keys = Vec::new();
+    differing("", Some(&a), Some(&b), &mut keys);
+    if keys.is_empty() || o.kind != n.kind {
+        let moved = o.placement != n.placement && o.kind == n.kind;
+        out.push(Change {
+            class: Class::NeedsRestart,
+            action: Action::Change,
+            device: Some(n.name.clone()),
+            subject: format!("{} `{}`", n.kind, n.name),
+            detail: if moved {
+                format!("moves from {} to {}", where_(o), where_(n))
             } else {
-                spans.value(&ptr)
-            };
-            out.push(Change {
-                class: Class::NeedsRestart,
-                action: Action::Change,
-                device: Some(n.name.clone()),
-                subject: format!("{} `{}` {}", n.kind, n.name, display_path(&k)),
-                detail: format!("{} → {}", show(a.pointer(&k)), show(b.pointer(&k))),
-                reason: Some(if live(n) {
-                    format!("a device's settings are fixed while it runs; rename `{}` to replace it live", n.name)
-                } else {
-                    "a device's settings are fixed while the VM runs".into()
-                }),
-                span,
-                side: Side::New,
-            });
-        }
+                format!("becomes a {} device", n.kind)
+            },
+            reason: Some("a device's kind and place are fixed while the VM runs".into()),
+            span: spans.entry(&format!("{ptr}/name")),
+            side: Side::New,
+        });
+        return;
+    }
+    let reason = if live(n) {
+        format!(
+            "a device's settings are fixed while it runs; rename `{}` to replace it live",
+            n.name
+        )
+    } else {
+        "a device's settings are fixed while the VM runs".into()
+    };
+    for k in keys {
+        let full = format!("{ptr}{k}");
+        let span = if spans.get(&full).is_some() {
+            spans.entry(&full)
+        } else {
+            spans.value(&ptr)
+        };
+        out.push(Change {
+            class: Class::NeedsRestart,
+            action: Action::Change,
+            device: Some(n.name.clone()),
+            subject: format!("{} `{}` {}", n.kind, n.name, display_path(&k)),
+            detail: format!("{} → {}", show(a.pointer(&k)), show(b.pointer(&k))),
+            reason: Some(reason.clone()),
+            span,
+            side: Side::New,
+        });
     }
 }
