@@ -461,21 +461,8 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
                 }
             }
         }
-        VIRTIO_BLK_T_GET_ID => {
-            if !writable {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            let mut left = &disk.id[..];
-            let mut n = 0u32;
-            for &(p, l, _) in &r.data {
-                let k = l.min(left.len());
-                // SAFETY: `p` points to `l` writable bytes of guest memory validated by `parse`.
-                unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), p, k) };
-                left = &left[k..];
-                n += k as u32;
-            }
-            (VIRTIO_BLK_S_OK, n)
-        }
+        VIRTIO_BLK_T_GET_ID if writable => (VIRTIO_BLK_S_OK, get_id(disk, r)),
+        VIRTIO_BLK_T_GET_ID => (VIRTIO_BLK_S_IOERR, 0),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             if disk.readonly
                 || !readable
@@ -489,41 +476,59 @@ fn execute(disk: &Disk, r: &Request) -> (u8, u32) {
                 // SAFETY: `p` points to `l` readable bytes of guest memory validated by `parse`.
                 raw.extend_from_slice(unsafe { std::slice::from_raw_parts(p, l) });
             }
-            for seg in raw.chunks_exact(16) {
-                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
-                let count = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
-                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
-                let off = sector.checked_mul(SECTOR_SIZE);
-                let len = u64::from(count) * SECTOR_SIZE;
-                let Some(off) = off.filter(|o| o.checked_add(len).is_some_and(|e| e <= disk.size))
-                else {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                };
-                let mode = if r.kind == VIRTIO_BLK_T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                // SAFETY: fallocate on our file with a range inside the image.
-                let rc = unsafe {
-                    libc::fallocate(
-                        disk.file.as_raw_fd(),
-                        mode,
-                        off as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if rc != 0 && r.kind == VIRTIO_BLK_T_WRITE_ZEROES {
-                    // No hole punching here: write zeroes the slow way.
-                    if zero_fill(disk, off, len).is_err() {
-                        return (VIRTIO_BLK_S_IOERR, 0);
-                    }
-                }
+            if raw.chunks_exact(16).all(|seg| range_op(disk, r.kind, seg)) {
+                (VIRTIO_BLK_S_OK, 0)
+            } else {
+                (VIRTIO_BLK_S_IOERR, 0)
             }
-            (VIRTIO_BLK_S_OK, 0)
         }
         _ => (VIRTIO_BLK_S_UNSUPP, 0),
     }
+}
+
+/// Copies the disk's id into the request's buffers; the bytes written.
+fn get_id(disk: &Disk, r: &Request) -> u32 {
+    let mut left = &disk.id[..];
+    let mut n = 0u32;
+    for &(p, l, _) in &r.data {
+        let k = l.min(left.len());
+        // SAFETY: `p` points to `l` writable bytes of guest memory validated by `parse`.
+        unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), p, k) };
+        left = &left[k..];
+        n += k as u32;
+    }
+    n
+}
+
+/// One discard / write-zeroes segment (sector, count, flags); false when it fails or falls
+/// outside the disk. A discard the file system cannot do is not an error (the data may stay).
+fn range_op(disk: &Disk, kind: u32, seg: &[u8]) -> bool {
+    let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
+    let count = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
+    let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+    let len = u64::from(count) * SECTOR_SIZE;
+    let Some(off) = sector
+        .checked_mul(SECTOR_SIZE)
+        .filter(|o| o.checked_add(len).is_some_and(|e| e <= disk.size))
+    else {
+        return false;
+    };
+    let mode = if kind == VIRTIO_BLK_T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    // SAFETY: fallocate on our file with a range inside the image.
+    let rc = unsafe {
+        libc::fallocate(
+            disk.file.as_raw_fd(),
+            mode,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    // No hole punching here: write zeroes the slow way.
+    rc == 0 || kind != VIRTIO_BLK_T_WRITE_ZEROES || zero_fill(disk, off, len).is_ok()
 }
 
 fn zero_fill(disk: &Disk, mut off: u64, mut len: u64) -> std::io::Result<()> {
