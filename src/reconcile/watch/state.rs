@@ -239,30 +239,7 @@ impl<F: FnMut(WatchEvent)> State<F> {
             return;
         }
         if ev.name.is_empty() {
-            if mask & DIR_EVENTS == 0 {
-                log::trace!(
-                    "watch {}: directory event {}",
-                    self.path.display(),
-                    mask_names(mask)
-                );
-                return;
-            }
-            log::debug!(
-                "watch {}: directory event {}",
-                self.path.display(),
-                mask_names(mask)
-            );
-            self.seq += 1;
-            // E.g. a chmod of the directory: reopen to see its effect.
-            self.reopen = true;
-            self.schedule(now);
-            if mask & libc::IN_MOVE_SELF != 0 {
-                // The watch follows the moved directory; the path now means
-                // something else (or nothing). Watch the path afresh.
-                // SAFETY: plain syscall without pointer arguments.
-                unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), ev.wd) };
-                self.watch_lost(now);
-            }
+            self.dir_event(mask, ev.wd, now);
             return;
         }
         if ev.name != self.name.as_slice() {
@@ -274,6 +251,39 @@ impl<F: FnMut(WatchEvent)> State<F> {
             );
             return;
         }
+        self.file_event(mask, now);
+    }
+
+    /// An event on the directory itself (a chmod, its move).
+    fn dir_event(&mut self, mask: u32, wd: i32, now: Instant) {
+        if mask & DIR_EVENTS == 0 {
+            log::trace!(
+                "watch {}: directory event {}",
+                self.path.display(),
+                mask_names(mask)
+            );
+            return;
+        }
+        log::debug!(
+            "watch {}: directory event {}",
+            self.path.display(),
+            mask_names(mask)
+        );
+        self.seq += 1;
+        // E.g. a chmod of the directory: reopen to see its effect.
+        self.reopen = true;
+        self.schedule(now);
+        if mask & libc::IN_MOVE_SELF != 0 {
+            // The watch follows the moved directory; the path now means
+            // something else (or nothing). Watch the path afresh.
+            // SAFETY: plain syscall without pointer arguments.
+            unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
+            self.watch_lost(now);
+        }
+    }
+
+    /// An event on the watched name: track writers, and read when a save may be complete.
+    fn file_event(&mut self, mask: u32, now: Instant) {
         log::debug!("watch {}: {}", self.path.display(), mask_names(mask));
         let mut own = false;
         if mask & libc::IN_OPEN != 0 {
