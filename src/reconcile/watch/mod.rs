@@ -172,42 +172,16 @@ impl Watcher {
         quiet: Duration,
         on_event: impl FnMut(WatchEvent) + Send + 'static,
     ) -> io::Result<Watcher> {
-        let path = std::path::absolute(path)?;
-        let invalid = |what: &str| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{}: {what}", path.display()),
-            )
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| invalid("path has no file name"))?
-            .to_owned();
-        let dir = path
-            .parent()
-            .ok_or_else(|| invalid("path has no parent directory"))?
-            .to_path_buf();
-        let dir_c = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| invalid("path contains a NUL byte"))?;
-
+        let (path, dir, name, dir_c) = split_path(path)?;
         // SAFETY: plain syscall without pointer arguments.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
+        let inotify = owned(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
         let wd = add_watch(&inotify, &dir_c).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot watch {}: {e}", dir.display()))
         })?;
-
         // SAFETY: plain syscall without pointer arguments.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let wake = Arc::new(owned(unsafe {
+            libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        })?);
 
         log::debug!(
             "watch {}: watching directory {} (wd {wd})",
@@ -252,6 +226,37 @@ impl Watcher {
             thread: Some(thread),
         })
     }
+}
+
+/// The absolute path, its directory, its file name, and the directory as a C string.
+fn split_path(path: &Path) -> io::Result<(PathBuf, PathBuf, std::ffi::OsString, CString)> {
+    let path = std::path::absolute(path)?;
+    let invalid = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: {what}", path.display()),
+        )
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| invalid("path has no file name"))?
+        .to_owned();
+    let dir = path
+        .parent()
+        .ok_or_else(|| invalid("path has no parent directory"))?
+        .to_path_buf();
+    let dir_c = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| invalid("path contains a NUL byte"))?;
+    Ok((path, dir, name, dir_c))
+}
+
+/// Owns the descriptor a creating syscall returned, or its error.
+fn owned(fd: i32) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Drop for Watcher {
