@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use std::os::unix::fs::FileTypeExt;
 
+use crate::contract::DeviceSpec;
 use crate::contract::check::{DeviceCheck, FileInfo, Reported};
 use crate::contract::units::{FilePath, MIB, TIB, human_size};
 use crate::diag::{Diag, Diags};
@@ -210,7 +211,6 @@ impl<'a> Validator<'a> {
 
     fn devices(&mut self) {
         let spec = self.spec();
-        let hotplug_first = 32 - u32::from(spec.pci.hotplug_slots);
         let mut counts: HashMap<&str, usize> = HashMap::new();
         // name → pointer of its first use; slot → (device, pointer of its `slot`).
         let mut names: HashMap<&str, String> = HashMap::new();
@@ -252,38 +252,7 @@ impl<'a> Validator<'a> {
             }
 
             if let Some(slot) = d.slot() {
-                let slot_ptr = format!("{ptr}/slot");
-                let span = self.span(&slot_ptr);
-                if slot.0 == 0 {
-                    let dd = Diag::error("vmm::slot", "PCI slot 0 is reserved for the host bridge")
-                        .label(span, "reserved")
-                        .help("use a slot from 1 to 31, or remove `slot` to get a free one");
-                    self.push(dd);
-                } else if let Some((other, other_ptr)) = slots.get(&slot.0) {
-                    let dd = Diag::error(
-                        "vmm::duplicate",
-                        format!(
-                            "PCI slot {slot} is used by both `{other}` and `{}`",
-                            d.name()
-                        ),
-                    )
-                    .label(span, "second use")
-                    .label(self.span(other_ptr), format!("slot {slot} first used here"))
-                    .help("remove `slot` from one of them to get a free slot");
-                    self.push(dd);
-                } else {
-                    if u32::from(slot.0) >= hotplug_first && !d.info().hotpluggable {
-                        let dd = Diag::error(
-                            "vmm::slot",
-                            format!("PCI slot {slot} is a hotplug slot, and `{kind}` devices cannot be hot-plugged"),
-                        )
-                        .label(span, "a hotplug slot")
-                        .label(self.span("/pci/hotplug_slots"), format!("makes slots {hotplug_first}–31 hotplug slots"))
-                        .help(format!("use a slot below {hotplug_first}, or remove `slot`"));
-                        self.push(dd);
-                    }
-                    slots.insert(slot.0, (d.name(), slot_ptr));
-                }
+                self.check_slot(&ptr, d, slot.0, &mut slots);
             }
 
             let mut cx = FileCheck {
@@ -293,6 +262,60 @@ impl<'a> Validator<'a> {
             };
             d.check(&mut cx);
         }
+    }
+
+    /// An explicit PCI slot: not the host bridge's, not another device's, and a hotplug slot
+    /// only for a hot-pluggable kind. `slots`: slot → (device, pointer of its `slot`).
+    fn check_slot(
+        &mut self,
+        ptr: &str,
+        d: &'a dyn DeviceSpec,
+        slot: u8,
+        slots: &mut HashMap<u8, (&'a str, String)>,
+    ) {
+        let hotplug_first = 32 - u32::from(self.spec().pci.hotplug_slots);
+        let slot_ptr = format!("{ptr}/slot");
+        let span = self.span(&slot_ptr);
+        if slot == 0 {
+            let dd = Diag::error("vmm::slot", "PCI slot 0 is reserved for the host bridge")
+                .label(span, "reserved")
+                .help("use a slot from 1 to 31, or remove `slot` to get a free one");
+            self.push(dd);
+            return;
+        }
+        if let Some((other, other_ptr)) = slots.get(&slot) {
+            let dd = Diag::error(
+                "vmm::duplicate",
+                format!(
+                    "PCI slot {slot} is used by both `{other}` and `{}`",
+                    d.name()
+                ),
+            )
+            .label(span, "second use")
+            .label(self.span(other_ptr), format!("slot {slot} first used here"))
+            .help("remove `slot` from one of them to get a free slot");
+            self.push(dd);
+            return;
+        }
+        if u32::from(slot) >= hotplug_first && !d.info().hotpluggable {
+            let kind = d.info().key;
+            let dd = Diag::error(
+                "vmm::slot",
+                format!(
+                    "PCI slot {slot} is a hotplug slot, and `{kind}` devices cannot be hot-plugged"
+                ),
+            )
+            .label(span, "a hotplug slot")
+            .label(
+                self.span("/pci/hotplug_slots"),
+                format!("makes slots {hotplug_first}–31 hotplug slots"),
+            )
+            .help(format!(
+                "use a slot below {hotplug_first}, or remove `slot`"
+            ));
+            self.push(dd);
+        }
+        slots.insert(slot, (d.name(), slot_ptr));
     }
 
     /// Checks that `path` names what `how` wants (a regular file to read, or a disk image:
