@@ -285,9 +285,15 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    print_plan(&plan, o.valid.loaded(), new_valid.loaded());
+    ExitCode::SUCCESS
+}
+
+/// `vmm plan` for people: each change with its class, then where restart-only changes are.
+fn print_plan(plan: &diff::Plan, old: &vmm::spec::Loaded, new: &vmm::spec::Loaded) {
     if plan.is_empty() {
         println!("no changes");
-        return ExitCode::SUCCESS;
+        return;
     }
     let (hot, restart) = (plan.count(Class::HotApply), plan.count(Class::NeedsRestart));
     println!(
@@ -313,10 +319,7 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
             "a running VM would take none of these: the edit mixes live and restart-only changes"
         );
     }
-    for (side, loaded) in [
-        (Side::New, new_valid.loaded()),
-        (Side::Old, o.valid.loaded()),
-    ] {
+    for (side, loaded) in [(Side::New, new), (Side::Old, old)] {
         let diags = plan.restart_diags(side);
         if !diags.is_empty() {
             let report = loaded.report(diags);
@@ -327,7 +330,6 @@ fn plan(old: &Path, new: &Path, format: Format) -> ExitCode {
             );
         }
     }
-    ExitCode::SUCCESS
 }
 
 /// Prints reconciler reports on stderr, where the terminal (in raw mode while the guest
