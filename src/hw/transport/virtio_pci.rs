@@ -478,34 +478,35 @@ impl VirtioPci {
                     q.queue.set_ready(true);
                 }
             }
-            (0x20..=0x37, 4 | 8) => {
-                if let Some(q) = self
-                    .queues
-                    .get_mut(self.queue_select as usize)
-                    .filter(|q| !q.queue.ready())
-                {
-                    let lo = Some(v as u32);
-                    let hi = if data.len() == 8 {
-                        Some((v >> 32) as u32)
-                    } else {
-                        None
-                    };
-                    match (offset, data.len()) {
-                        (0x20, _) => q.queue.set_desc_table_address(lo, hi),
-                        (0x24, 4) => q.queue.set_desc_table_address(None, lo),
-                        (0x28, _) => q.queue.set_avail_ring_address(lo, hi),
-                        (0x2c, 4) => q.queue.set_avail_ring_address(None, lo),
-                        (0x30, _) => q.queue.set_used_ring_address(lo, hi),
-                        (0x34, 4) => q.queue.set_used_ring_address(None, lo),
-                        _ => {}
-                    }
-                }
-            }
+            (0x20..=0x37, 4 | 8) => self.ring_address_write(offset, data.len(), v),
             _ => log::debug!(
                 "{}: common config write {offset:#x}/{} ignored",
                 self.name,
                 data.len()
             ),
+        }
+    }
+
+    /// A write of the selected queue's descriptor table, avail or used ring address (whole, or
+    /// a 32-bit half); taken only while the queue is not ready.
+    fn ring_address_write(&mut self, offset: u64, len: usize, v: u64) {
+        let Some(q) = self
+            .queues
+            .get_mut(self.queue_select as usize)
+            .filter(|q| !q.queue.ready())
+        else {
+            return;
+        };
+        let lo = Some(v as u32);
+        let hi = (len == 8).then_some((v >> 32) as u32);
+        match (offset, len) {
+            (0x20, _) => q.queue.set_desc_table_address(lo, hi),
+            (0x24, 4) => q.queue.set_desc_table_address(None, lo),
+            (0x28, _) => q.queue.set_avail_ring_address(lo, hi),
+            (0x2c, 4) => q.queue.set_avail_ring_address(None, lo),
+            (0x30, _) => q.queue.set_used_ring_address(lo, hi),
+            (0x34, 4) => q.queue.set_used_ring_address(None, lo),
+            _ => {}
         }
     }
 
