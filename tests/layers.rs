@@ -190,3 +190,114 @@ fn no_source_file_is_over_800_lines() {
         .collect();
     assert!(long.is_empty(), "{}", long.join("\n"));
 }
+
+/// The functions of `text` longer than `max` lines, as (name, first line, lines). A line
+/// scanner, not a parser: it counts braces from each `fn` line, skipping `//` comments, string
+/// and char literals; good enough for rustfmt-formatted code.
+fn long_functions(text: &str, max: usize) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        let t = t
+            .strip_prefix("pub ")
+            .or_else(|| t.strip_prefix("pub(super) "))
+            .unwrap_or(t);
+        let t = t.strip_prefix("pub(crate) ").unwrap_or(t);
+        let t = t.strip_prefix("const ").unwrap_or(t);
+        let t = t.strip_prefix("unsafe ").unwrap_or(t);
+        let Some(rest) = t.strip_prefix("fn ") else {
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let (mut depth, mut opened) = (0i32, false);
+        for (j, body) in lines.iter().enumerate().skip(i) {
+            let code = strip_literals(body);
+            if !opened && code.trim_end().ends_with(';') {
+                break; // a declaration without a body
+            }
+            for c in code.chars() {
+                match c {
+                    '{' => (depth, opened) = (depth + 1, true),
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if opened && depth == 0 {
+                if j - i + 1 > max {
+                    out.push((name.clone(), i + 1, j - i + 1));
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// `line` without its `//` comment and with string and char literals emptied.
+fn strip_literals(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => break,
+            '"' => {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            // '{' and '}' as chars; lifetimes ('a) have no closing quote and stay as they are.
+            '\'' => {
+                let rest: String = chars.clone().take(3).collect();
+                if rest.starts_with("\\") {
+                    while let Some(c) = chars.next() {
+                        if c == '\'' {
+                            break;
+                        }
+                    }
+                } else if rest.chars().nth(1) == Some('\'') {
+                    chars.next();
+                    chars.next();
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Functions stay readable: none under src/ passes 90 lines (the rule is ~80; unit tests in
+/// `tests.rs` files and test tails are exempt).
+#[test]
+fn no_function_is_over_90_lines() {
+    let mut all = Vec::new();
+    files(&common::root().join("src"), &mut all);
+    let mut long = Vec::new();
+    for f in all {
+        if f.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        let text = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        for (name, line, n) in long_functions(text, 90) {
+            long.push(format!("{}:{line}: fn {name} has {n} lines", f.display()));
+        }
+    }
+    assert!(long.is_empty(), "split these:\n{}", long.join("\n"));
+}
+
+#[test]
+fn the_function_scanner_counts_bodies_not_strings() {
+    let body = "fn f() {\n    let s = \"}}}\";\n    let c = '{';\n    // }\n    g(|x: &'static str| x);\n}\nfn g();\n";
+    assert_eq!(long_functions(body, 5), [("f".to_string(), 1, 6)]);
+    assert!(long_functions(body, 6).is_empty());
+}
