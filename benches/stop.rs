@@ -310,7 +310,9 @@ impl Drop for SlowDisk {
 }
 
 /// A VM for the transport alone: MSI vectors that count nothing, no ioeventfds.
+#[derive(Debug)]
 struct NullVm;
+#[derive(Debug)]
 struct NullMsi;
 impl vmm::hw::MsiVector for NullMsi {
     fn set_message(&self, _: u64, _: u32) -> Result<(), vmm::hw::DeviceError> {

@@ -93,6 +93,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Start offsets of the lines of a text, for many line/column lookups.
+#[derive(Debug)]
 pub struct LineIndex(Vec<usize>);
 
 impl LineIndex {

@@ -107,6 +107,7 @@ mod order {
 }
 
 /// The record of one held lock (debug builds); dropping it forgets the lock.
+#[derive(Debug)]
 struct Held {
     #[cfg(debug_assertions)]
     rank: Rank,
@@ -146,11 +147,13 @@ pub fn holds(rank: Rank) -> bool {
 }
 
 /// A mutex with a place in the lock order.
+#[derive(Debug)]
 pub struct Mutex<T: ?Sized> {
     rank: Rank,
     inner: std::sync::Mutex<T>,
 }
 
+#[derive(Debug)]
 pub struct MutexGuard<'a, T: ?Sized> {
     // Unlocked before the record is dropped.
     inner: std::sync::MutexGuard<'a, T>,
@@ -205,7 +208,7 @@ impl<T: ?Sized> DerefMut for MutexGuard<'_, T> {
 }
 
 /// A condition variable for [`Mutex`]es.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Condvar(std::sync::Condvar);
 
 impl Condvar {
@@ -234,16 +237,19 @@ impl Condvar {
 }
 
 /// A read-write lock with a place in the lock order (both sides have the same rank).
+#[derive(Debug)]
 pub struct RwLock<T: ?Sized> {
     rank: Rank,
     inner: std::sync::RwLock<T>,
 }
 
+#[derive(Debug)]
 pub struct RwLockReadGuard<'a, T: ?Sized> {
     inner: std::sync::RwLockReadGuard<'a, T>,
     _held: Held,
 }
 
+#[derive(Debug)]
 pub struct RwLockWriteGuard<'a, T: ?Sized> {
     inner: std::sync::RwLockWriteGuard<'a, T>,
     _held: Held,

@@ -258,8 +258,8 @@ fn strip_literals(line: &str) -> String {
             // '{' and '}' as chars; lifetimes ('a) have no closing quote and stay as they are.
             '\'' => {
                 let rest: String = chars.clone().take(3).collect();
-                if rest.starts_with("\\") {
-                    while let Some(c) = chars.next() {
+                if rest.starts_with('\\') {
+                    for c in chars.by_ref() {
                         if c == '\'' {
                             break;
                         }

@@ -2,6 +2,7 @@
 //! and the console escape (Ctrl-A x stops the VM, Ctrl-A Ctrl-A sends one Ctrl-A).
 
 /// Puts a terminal in raw mode; restores the saved settings when dropped.
+#[derive(Debug)]
 pub struct RawMode {
     fd: i32,
     saved: libc::termios,

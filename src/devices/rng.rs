@@ -191,6 +191,7 @@ pub fn fill<M: GuestMemory>(
 }
 
 /// The virtio-rng device.
+#[derive(Debug)]
 pub struct Rng {
     rate: Option<u64>,
     worker: WorkerSlot,
@@ -269,6 +270,7 @@ use crate::hw::served::{Ctx, serve_simple};
 use crate::sync::{Mutex, Rank};
 
 /// virtio-rng from getrandom, optionally rate-limited.
+#[derive(Debug)]
 pub struct RngModel {
     limit: Mutex<Option<RateLimit>>,
 }

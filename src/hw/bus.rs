@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::sync::{Mutex, MutexGuard};
 
 /// A device on a bus.
-pub trait BusDevice: Send {
+pub trait BusDevice: Send + std::fmt::Debug {
     /// A guest read of `data.len()` bytes (1, 2, 4 or 8) at `base + offset`.
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]);
     /// A guest write at `base + offset`.
@@ -34,7 +34,7 @@ pub enum BusError {
 }
 
 /// Address ranges and their devices.
-#[derive(Default, Clone)]
+#[derive(Debug, Default, Clone)]
 pub struct Bus {
     ranges: BTreeMap<u64, (u64, SharedDevice)>,
 }
@@ -124,6 +124,7 @@ mod tests {
     use super::*;
     use crate::sync::Rank;
 
+    #[derive(Debug)]
     struct Rec(Vec<(u64, u64, Vec<u8>)>);
     impl BusDevice for Rec {
         fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {

@@ -109,12 +109,13 @@ pub enum CharIoError {
 }
 
 /// The connected client of a socket backend, if any, and the output it missed.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct SocketPeer(Mutex<Option<UnixStream>>, Arc<AtomicU64>);
 
 /// Where a character device's output goes. Writes never stall the guest: a terminal or pipe
 /// on stdout that does not keep up gets its output through a bounded buffer ([`Stdout`]), a
 /// socket client that does not keep up loses output; both count what they lost.
+#[derive(Debug)]
 pub enum CharOut {
     Stdout(Arc<Stdout>),
     Sink,
@@ -151,6 +152,7 @@ enum OutMode {
 /// vCPU or a device worker). What the terminal or pipe does not take at once waits in a
 /// buffer of [`STDOUT_BUFFER`] bytes, which the VM's main loop writes out when fd 1 is
 /// writable; what does not fit is dropped and counted (`vmm status`).
+#[derive(Debug)]
 pub struct Stdout {
     fd: std::os::fd::OwnedFd,
     mode: OutMode,
@@ -379,6 +381,7 @@ impl Write for CharOut {
 }
 
 /// A socket backend's listener; removes the socket file when dropped.
+#[derive(Debug)]
 pub struct SocketGuard(PathBuf);
 
 impl Drop for SocketGuard {

@@ -47,6 +47,15 @@ pub struct Hotplug {
     on_eject: Mutex<Option<EjectFn>>,
 }
 
+impl std::fmt::Debug for Hotplug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hotplug")
+            .field("slots", &format_args!("{:#x}", self.slots))
+            .field("irq", &self.irq)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Hotplug {
     /// A controller for the hotplug slots in the bitmap `slots`, signalling on `irq`.
     pub fn new(slots: u32, irq: Arc<dyn Irq>) -> Arc<Hotplug> {
@@ -170,6 +179,7 @@ impl Hotplug {
 }
 
 /// The controller's ports on the I/O bus.
+#[derive(Debug)]
 pub struct HotplugPorts(pub Arc<Hotplug>);
 
 impl BusDevice for HotplugPorts {
@@ -196,7 +206,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Count(AtomicUsize);
     impl Irq for Count {
         fn trigger(&self) {

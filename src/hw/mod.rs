@@ -16,7 +16,7 @@ pub mod virtio;
 pub use crate::contract::DeviceError;
 
 /// An edge-triggered interrupt a device raises: an irqfd in a VM, a counter in tests.
-pub trait Irq: Send + Sync {
+pub trait Irq: Send + Sync + std::fmt::Debug {
     fn trigger(&self);
 }
 
@@ -30,19 +30,19 @@ pub enum VmRequest {
 }
 
 /// The VM's side of [`VmRequest`]s.
-pub trait VmControl: Send + Sync {
+pub trait VmControl: Send + Sync + std::fmt::Debug {
     fn request(&self, r: VmRequest);
 }
 
 /// One MSI(-X) vector of a device: the guest programs its message, the device triggers it.
-pub trait MsiVector: Send + Sync {
+pub trait MsiVector: Send + Sync + std::fmt::Debug {
     /// The message (address, data) the guest wrote to the vector's table entry.
     fn set_message(&self, addr: u64, data: u32) -> Result<(), DeviceError>;
     fn trigger(&self);
 }
 
 /// What a device can ask of the running VM (the KVM backend implements it).
-pub trait VmHandle: Send + Sync {
+pub trait VmHandle: Send + Sync + std::fmt::Debug {
     /// Makes guest writes to MMIO address `addr` signal `evt` without an exit to vmm.
     fn register_ioevent(
         &self,

@@ -9,6 +9,7 @@ use crate::hw::MsiVector;
 use crate::hw::pci::ConfigSpace;
 
 /// MSI-X vectors, their table and pending bits.
+#[derive(Debug)]
 pub struct Msix {
     vectors: Vec<Arc<dyn MsiVector>>,
     /// (address, data, masked) as the guest wrote them.
@@ -160,7 +161,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Counted(AtomicUsize);
 
     impl MsiVector for Counted {

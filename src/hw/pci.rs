@@ -14,7 +14,7 @@ pub const CONFIG_SIZE: usize = 256;
 pub const EXT_CONFIG_SIZE: usize = 4096;
 
 /// A PCI function's configuration space.
-pub trait PciFunction: Send {
+pub trait PciFunction: Send + std::fmt::Debug {
     /// Reads `data.len()` bytes (1, 2 or 4, naturally aligned) at `offset` (< 4096).
     fn config_read(&mut self, offset: u16, data: &mut [u8]);
     /// Writes at `offset`.
@@ -22,7 +22,7 @@ pub trait PciFunction: Send {
 }
 
 /// Configuration space bytes with per-bit write masks: the building block of functions.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ConfigSpace {
     bytes: [u8; CONFIG_SIZE],
     writable: [u8; CONFIG_SIZE],
@@ -95,6 +95,7 @@ impl ConfigSpace {
 }
 
 /// The host bridge at 00:00.0.
+#[derive(Debug)]
 pub struct HostBridge {
     config: ConfigSpace,
 }
@@ -123,6 +124,7 @@ impl PciFunction for HostBridge {
 pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
 
 /// The functions plugged into bus 0, by slot.
+#[derive(Debug)]
 pub struct PciRoot {
     slots: Vec<Option<SharedFunction>>,
 }
@@ -192,6 +194,7 @@ fn aligned(offset: u64, len: usize) -> bool {
 }
 
 /// Configuration mechanism #1 at I/O ports 0xcf8 (address) – 0xcff (data).
+#[derive(Debug)]
 pub struct PciConfigIo {
     root: Arc<Mutex<PciRoot>>,
     address: u32,
@@ -248,6 +251,7 @@ impl BusDevice for PciConfigIo {
 }
 
 /// PCI Express enhanced configuration access (ECAM): bus << 20 | device << 15 | function << 12.
+#[derive(Debug)]
 pub struct PciEcam {
     root: Arc<Mutex<PciRoot>>,
 }

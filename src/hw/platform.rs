@@ -17,6 +17,7 @@ const SLP_EN: u8 = 1 << 5;
 pub const S5_SLP_TYP: u8 = 5;
 
 /// ACPI sleep control and status registers.
+#[derive(Debug)]
 pub struct AcpiPm {
     vm: Arc<dyn VmControl>,
     status: u8,
@@ -61,7 +62,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Rec(Mutex<Vec<VmRequest>>);
     impl VmControl for Rec {
         fn request(&self, r: VmRequest) {

@@ -29,7 +29,7 @@ pub enum ServeError {
 
 /// Registers and unregisters the extra fds a model waits on (a TAP, an input eventfd) in the
 /// daemon's event loop. Event numbers must be above the model's number of queues.
-pub trait Listeners: Send + Sync {
+pub trait Listeners: Send + Sync + std::fmt::Debug {
     fn add(&self, fd: RawFd, event: u16) -> std::io::Result<()>;
     fn remove(&self, fd: RawFd, event: u16) -> std::io::Result<()>;
 }
@@ -41,6 +41,16 @@ pub struct Ctx<'a> {
     /// Whether the front end negotiated VIRTIO_F_RING_EVENT_IDX.
     pub event_idx: bool,
     pub listeners: &'a dyn Listeners,
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("vrings", &self.vrings.len())
+            .field("event_idx", &self.event_idx)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ctx<'_> {
@@ -60,7 +70,7 @@ pub fn signal(state: &mut VringGuard<'_>) -> std::io::Result<()> {
 }
 
 /// A device model as a vhost-user backend serves it.
-pub trait Served: Send + Sync {
+pub trait Served: Send + Sync + std::fmt::Debug {
     /// What the device is (its queues are served; declared once per kind).
     fn virtio(&self) -> &'static crate::contract::VirtioInfo;
     /// Offered virtio features (VERSION_1 included).
@@ -132,6 +142,7 @@ pub fn serve_simple(
 }
 
 /// Interrupts are raised by the vring (`signal_used_queue`), not by the shared loop.
+#[derive(Debug)]
 struct NoIrq;
 
 impl crate::hw::Irq for NoIrq {

@@ -32,6 +32,7 @@ pub const STATUS_DEVICE_NEEDS_RESET: u8 = 64;
 pub const STATUS_FAILED: u8 = 128;
 
 /// A queue handed to a device when the driver is ready.
+#[derive(Debug)]
 pub struct ActiveQueue {
     pub queue: Queue,
     /// Written by the guest's notification (ioeventfd).
@@ -46,11 +47,12 @@ pub struct ActiveQueue {
 pub struct ActivateError(pub String);
 
 /// Lets a running device tell the transport the driver must reset it (DEVICE_NEEDS_RESET).
-pub trait NeedsReset: Send + Sync {
+pub trait NeedsReset: Send + Sync + std::fmt::Debug {
     fn needs_reset(&self, why: &str);
 }
 
 /// Everything a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
 pub struct Activation {
     pub mem: GuestMem,
     /// Features the driver accepted.
@@ -62,7 +64,7 @@ pub struct Activation {
 }
 
 /// A virtio device model.
-pub trait VirtioDevice: Send {
+pub trait VirtioDevice: Send + std::fmt::Debug {
     /// What the device is: type, queues and their sizes, PCI class (declared once per kind).
     fn virtio(&self) -> &'static crate::contract::VirtioInfo;
     /// Offered features, VIRTIO_F_VERSION_1 included.
@@ -100,6 +102,7 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
 
 /// How a worker is asked to stop: a flag it checks between batches of requests, and an
 /// eventfd that wakes it when it waits.
+#[derive(Debug)]
 pub struct Stop {
     flag: AtomicBool,
     evt: EventFd,
@@ -127,6 +130,7 @@ impl Stop {
 pub const BUDGET: usize = 32;
 
 /// The event loop of a device worker: a stop eventfd plus the fds the device waits on.
+#[derive(Debug)]
 pub struct Worker {
     epoll: Epoll,
     pub stop: Arc<Stop>,
@@ -181,6 +185,7 @@ impl Worker {
 const JOIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A started worker thread and its stop signal.
+#[derive(Debug)]
 pub struct WorkerHandle {
     pub stop: Arc<Stop>,
     pub thread: Option<std::thread::JoinHandle<()>>,
@@ -247,7 +252,7 @@ impl Drop for WorkerHandle {
 /// A device's worker across resets: the running one, and those asked to stop that are still
 /// finishing their batch. [`VirtioDevice::reset`] moves the running worker to the stopping ones
 /// without waiting; [`VirtioDevice::quiesced`] says when they are all gone.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct WorkerSlot {
     running: Option<WorkerHandle>,
     stopping: Vec<WorkerHandle>,

@@ -60,6 +60,7 @@ pub fn answers(path: &Path) -> bool {
 }
 
 /// The control socket's accept thread.
+#[derive(Debug)]
 pub struct Server {
     path: PathBuf,
     stop: Arc<EventFd>,
@@ -69,7 +70,7 @@ pub struct Server {
 
 /// The clients being served, shared by the accept thread, the client threads and the
 /// [`Server`]'s drop.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Clients {
     /// Connected clients (at most [`MAX_CLIENTS`]).
     connected: AtomicUsize,

@@ -76,6 +76,7 @@ impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
 }
 
 /// What the reconciler thread is told.
+#[derive(Debug)]
 pub enum Event {
     /// The machine file changed on disk (from the watcher).
     File(watch::WatchEvent),
@@ -155,6 +156,16 @@ pub struct Reconciler<T: Target> {
     failed: BTreeMap<String, String>,
     /// Prints a report line (the terminal, or a log in tests).
     out: Box<dyn FnMut(&str) + Send>,
+}
+
+impl<T: Target> std::fmt::Debug for Reconciler<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("path", &self.path)
+            .field("in_vm", &self.in_vm.keys().collect::<Vec<_>>())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
 }
 
 fn slot_of(n: &DeviceNode) -> Option<u8> {
@@ -609,6 +620,7 @@ fn invalid(name: &str, report: &Report) -> EditOutcome {
 
 /// A live machine's threads: the reconciler, the file watcher and the control socket. Dropping
 /// it stops and joins them.
+#[derive(Debug)]
 pub struct Live {
     tx: mpsc::Sender<Event>,
     thread: Option<std::thread::JoinHandle<()>>,

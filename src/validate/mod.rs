@@ -78,12 +78,14 @@ pub fn validate_since(
 }
 
 /// A claimed host resource or identity: who took it first, and where.
+#[derive(Debug)]
 struct Claim {
     owner: String,
     span: Range<usize>,
 }
 
 /// State of one validation run.
+#[derive(Debug)]
 pub struct Validator<'a> {
     loaded: &'a Loaded,
     diags: Diags,
@@ -512,6 +514,7 @@ fn check_output_path(abs: &Path, socket: bool) -> Result<(), (String, &'static s
 /// [`DeviceCheck`] for a device given as command-line options (`vmm device <kind> --key
 /// value`): the same checks as in a machine file, reported as `--key: message`. Relative paths
 /// resolve against `base` (the working directory).
+#[derive(Debug)]
 pub struct ArgsCheck<'b> {
     base: &'b Path,
     diags: Diags,

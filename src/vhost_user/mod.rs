@@ -34,6 +34,14 @@ struct EpollListeners {
     handler: OnceLock<Arc<VringEpollHandler<Arc<Backend>>>>,
 }
 
+impl std::fmt::Debug for EpollListeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpollListeners")
+            .field("running", &self.handler.get().is_some())
+            .finish()
+    }
+}
+
 impl Listeners for EpollListeners {
     fn add(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
         match self.handler.get() {
@@ -83,6 +91,7 @@ fn check_sealed(mem: &GuestMem) -> Result<(), String> {
 }
 
 /// The vhost-user-backend side of a [`Served`] model.
+#[derive(Debug)]
 pub struct Backend {
     /// The kind's key, for logs.
     name: &'static str,

@@ -30,6 +30,7 @@ use crate::graph::layout;
 use crate::graph::{DeviceGraph, DeviceNode, Placement};
 
 /// ACPI tables laid out for guest memory.
+#[derive(Debug)]
 pub struct AcpiTables {
     /// Guest physical address of the RSDP.
     pub rsdp_addr: u64,

@@ -26,6 +26,7 @@ use crate::hw::{DeviceError, Irq, Machine, VmControl, VmHandle};
 use crate::sync::{Mutex, Rank, RwLock};
 
 /// An interrupt line backed by an irqfd: writing the eventfd asserts the IOAPIC pin (edge).
+#[derive(Debug)]
 struct IrqFd(EventFd);
 
 impl Irq for IrqFd {

@@ -27,6 +27,7 @@ pub enum CpuError {
 }
 
 /// What every vCPU's CPU state is derived from.
+#[derive(Debug)]
 pub struct CpuTemplate {
     supported: CpuId,
     msr_index: Vec<u32>,

@@ -22,6 +22,7 @@ const KVM_IRQCHIP_IOAPIC: u32 = 2;
 const MAX_GSI: u32 = 4096;
 
 /// The VM's GSI routing table, written to KVM whole on every change.
+#[derive(Debug)]
 struct Routing {
     /// MSI routes: gsi → (address, data), once the guest programmed them.
     msi: BTreeMap<u32, (u64, u32)>,
@@ -30,6 +31,7 @@ struct Routing {
     free: Vec<u32>,
 }
 
+#[derive(Debug)]
 pub struct KvmHandle {
     vm: Arc<VmFd>,
     routing: Mutex<Routing>,
@@ -110,6 +112,7 @@ impl KvmHandle {
 }
 
 /// An MSI vector: a GSI with an irqfd; its route is installed when the guest programs it.
+#[derive(Debug)]
 struct KvmMsi {
     handle: Arc<KvmHandle>,
     gsi: u32,
@@ -169,6 +172,7 @@ impl Drop for KvmMsi {
 }
 
 /// The `VmHandle` of a KVM VM (an `Arc<KvmHandle>` wrapper so MSI vectors can hold it).
+#[derive(Debug)]
 pub struct Handle(pub Arc<KvmHandle>);
 
 impl VmHandle for Handle {

@@ -21,6 +21,7 @@ use super::handle::{Handle, KvmHandle};
 use super::vcpu::{ExitState, Outcome};
 
 /// A function plugged into a slot: what removing it must unmap.
+#[derive(Debug)]
 pub(super) struct Plugged {
     pub function: SharedFunction,
     pub bar_device: SharedDevice,
@@ -54,6 +55,7 @@ pub(super) fn attach_pci(
 }
 
 /// The running VM's hotplug side.
+#[derive(Debug)]
 pub struct LiveVm {
     pub(super) machine: String,
     pub(super) base_dir: PathBuf,

@@ -191,12 +191,11 @@ pub fn run_with(
     })
 }
 
+/// The VM, its guest RAM, the MMIO bus and the interrupt routing.
+type NewVm = (Arc<VmFd>, GuestMem, Arc<RwLock<Bus>>, Arc<KvmHandle>);
+
 /// The VM with its guest RAM, in-kernel irqchip, MMIO bus and interrupt routing.
-fn create_vm(
-    kvm: &Kvm,
-    graph: &DeviceGraph,
-    started: Instant,
-) -> Result<(Arc<VmFd>, GuestMem, Arc<RwLock<Bus>>, Arc<KvmHandle>), VmError> {
+fn create_vm(kvm: &Kvm, graph: &DeviceGraph, started: Instant) -> Result<NewVm, VmError> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     // Guest RAM first: registered after the irqchip, the memory slot costs 5-7 ms here.
     let mem = memory::create(graph)?;

@@ -35,6 +35,7 @@ impl Outcome {
 }
 
 /// The first outcome wins; the main thread waits on `evt`.
+#[derive(Debug)]
 pub struct ExitState {
     outcome: Mutex<Option<Outcome>>,
     pub evt: EventFd,
@@ -77,7 +78,7 @@ impl VmControl for ExitState {
 }
 
 /// What vCPU threads share.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct VcpuShared {
     pub pio: Arc<RwLock<Bus>>,
     pub mmio: Arc<RwLock<Bus>>,

@@ -608,6 +608,7 @@ pub fn features(disk: &Disk) -> u64 {
 }
 
 /// The virtio-blk device.
+#[derive(Debug)]
 pub struct Block {
     disk: std::sync::Arc<Disk>,
     config: [u8; 60],

@@ -7,6 +7,7 @@ use crate::hw::served::{Ctx, Served, serve_simple};
 use crate::hw::virtio::BUDGET;
 
 /// virtio-blk on a raw image.
+#[derive(Debug)]
 pub struct BlockModel {
     disk: Disk,
     config: [u8; 60],

@@ -168,6 +168,7 @@ pub fn terminal_size() -> Option<(u16, u16)> {
 /// Input waiting for the guest's receive buffers: a bounded FIFO filled by the host end
 /// (terminal, socket client) and an eventfd that wakes whoever serves the receive queue.
 /// Outlives device resets, so input typed while the driver reloads is kept.
+#[derive(Debug)]
 pub struct ConsoleInput {
     pending: Mutex<VecDeque<u8>>,
     limit: usize,
@@ -307,6 +308,7 @@ fn fill<M: GuestMemory>(chain: DescriptorChain<&M>, mem: &M, pending: &mut VecDe
 
 /// The virtio console: port 0 only, its output on a [`CharOut`], its input from a
 /// [`ConsoleInput`].
+#[derive(Debug)]
 pub struct Console {
     out: Arc<Mutex<CharOut>>,
     input: Arc<ConsoleInput>,

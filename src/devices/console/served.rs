@@ -25,6 +25,7 @@ use crate::hw::virtio::{BUDGET, VIRTIO_F_VERSION_1, ring_broken};
 const INPUT_EVENT: u16 = 3;
 
 /// The served console.
+#[derive(Debug)]
 pub struct ConsoleModel {
     out: Mutex<CharOut>,
     input: Arc<ConsoleInput>,

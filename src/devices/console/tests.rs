@@ -390,7 +390,7 @@ fn emergency_write_is_output_at_once() {
     assert_eq!(d, [0; 4]);
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Count(AtomicUsize);
 impl Irq for Count {
     fn trigger(&self) {
@@ -398,7 +398,7 @@ impl Irq for Count {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Resets(Mutex<Vec<String>>);
 impl NeedsReset for Resets {
     fn needs_reset(&self, why: &str) {

@@ -230,6 +230,16 @@ pub struct Cmos {
     staged: Option<DateTime>,
 }
 
+impl std::fmt::Debug for Cmos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cmos")
+            .field("index", &self.index)
+            .field("offset", &self.offset)
+            .field("staged", &self.staged)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Cmos {
     /// An RTC counting from `clock` (UTC), with the memory size bytes describing
     /// `mem_below_4g` bytes of RAM below 4 GiB and `mem_above_4g` bytes above it.

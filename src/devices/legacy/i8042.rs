@@ -216,6 +216,7 @@ enum Pending {
 /// (LEDs, rates, scancode sets, resolution, wrap mode), the resend protocol, and inhibiting a
 /// port in the CTR (bytes still arrive). Accesses wider than a byte use the first byte; the rest
 /// reads 0xff.
+#[derive(Debug)]
 pub struct I8042 {
     kbd_irq: Arc<dyn Irq>,
     aux_irq: Arc<dyn Irq>,

@@ -150,6 +150,7 @@ use crate::hw::bus::BusDevice;
 use crate::hw::char_io::{CharInput, CharOut};
 
 /// Raises the UART's interrupt line.
+#[derive(Debug)]
 pub struct IrqTrigger(pub Arc<dyn Irq>);
 
 impl Trigger for IrqTrigger {
@@ -163,6 +164,7 @@ impl Trigger for IrqTrigger {
 type Uart = Serial<IrqTrigger, NoEvents, CharOut>;
 
 /// The UART and what the watchdog ([`CharInput::unstick`]) needs to see progress.
+#[derive(Debug)]
 struct Shared {
     uart: Uart,
     /// Guest writes of the transmit register and reads of the receive register so far.
@@ -185,9 +187,11 @@ fn lock(s: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 /// A 16550A UART (vm-superio's model) on the I/O port bus.
+#[derive(Debug)]
 pub struct SerialPort(Arc<Mutex<Shared>>);
 
 /// The input side of a [`SerialPort`], for stdin or a socket client.
+#[derive(Debug)]
 pub struct SerialInput(Arc<Mutex<Shared>>);
 
 impl SerialPort {
@@ -292,7 +296,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Count(AtomicUsize);
     impl Irq for Count {
         fn trigger(&self) {

@@ -282,6 +282,7 @@ impl NetState {
 }
 
 /// The virtio-net device on a TAP interface.
+#[derive(Debug)]
 pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],

@@ -27,6 +27,7 @@ const TAP_EVENT: u16 = 3;
 const BUDGET: usize = 256;
 
 /// The served virtio-net device.
+#[derive(Debug)]
 pub struct NetModel {
     tap: Tap,
     state: std::sync::Arc<NetState>,

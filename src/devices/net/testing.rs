@@ -113,7 +113,7 @@ pub fn header_and(frame_len: usize) -> Vec<u8> {
 }
 
 /// An interrupt that counts.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Count(AtomicU64);
 
 impl Irq for Count {
@@ -129,7 +129,7 @@ impl Count {
 }
 
 /// Reset requests, recorded.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Resets(pub Mutex<Vec<String>>);
 
 impl NeedsReset for Resets {

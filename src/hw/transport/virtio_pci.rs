@@ -72,6 +72,7 @@ const MSIX_CONTROL: usize = CAP_MSIX as usize + 2;
 const PCI_CFG_DATA: usize = CAP_PCI_CFG as usize + 16;
 
 /// Per-queue transport state.
+#[derive(Debug)]
 struct QueueState {
     queue: Queue,
     vector: u16,
@@ -79,6 +80,7 @@ struct QueueState {
 }
 
 /// Interrupt state shared with the interrupt handles given to the device.
+#[derive(Debug)]
 struct IrqState {
     msix: Mutex<Msix>,
     /// Queue vectors as programmed (index = queue).
@@ -89,6 +91,7 @@ struct IrqState {
 }
 
 /// A queue's interrupt: fires the queue's current vector.
+#[derive(Debug)]
 struct QueueIrq {
     state: Arc<IrqState>,
     queue: usize,
@@ -105,6 +108,7 @@ impl Irq for QueueIrq {
 }
 
 /// The configuration-change interrupt.
+#[derive(Debug)]
 struct ConfigIrq(Arc<IrqState>);
 
 impl Irq for ConfigIrq {
@@ -126,6 +130,7 @@ impl NeedsReset for ConfigIrq {
 }
 
 /// A virtio device on PCI: configuration space (with its capabilities) and BAR 0.
+#[derive(Debug)]
 pub struct VirtioPci {
     name: String,
     device: Box<dyn VirtioDevice>,

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct CountingIrq(AtomicUsize);
 
 impl Irq for CountingIrq {
@@ -12,7 +12,7 @@ impl Irq for CountingIrq {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct RecordingVm(Mutex<Vec<VmRequest>>);
 
 impl VmControl for RecordingVm {

@@ -10,12 +10,13 @@ use crate::hw::bus::SharedDevice;
 use crate::hw::virtio::{ActivateError, STATUS_ACKNOWLEDGE, STATUS_DRIVER};
 
 /// A VM with counting MSI vectors and no real ioeventfds.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct FakeVm {
     fired: Arc<Vec<AtomicUsize>>,
     next: AtomicUsize,
 }
 
+#[derive(Debug)]
 struct FakeMsi(Arc<Vec<AtomicUsize>>, usize);
 
 impl MsiVector for FakeMsi {
@@ -42,7 +43,7 @@ impl VmHandle for FakeVm {
 }
 
 /// Counts activations and resets; offers VERSION_1 and one device feature.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Probe {
     activations: Arc<AtomicUsize>,
     resets: Arc<AtomicUsize>,
