@@ -1,4 +1,4 @@
-//! Block benchmark (`cargo bench --bench blk`): the virtio-blk device model driven directly
+//! Block benchmark (`cargo bench --features testing --bench blk`): the virtio-blk device model driven directly
 //! (guest memory + a virtqueue, no VM), next to fio on the same file (the host's limit), and
 //! `vmm device block` next to qemu-storage-daemon's vhost-user-blk export, both driven through
 //! vhost-user by the same driver code here.
@@ -12,15 +12,14 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm::devices::block::{self, Disk, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use vmm::testing::{NEXT, Ring, WRITE};
 use vmm_sys_util::eventfd::EventFd;
 
 const IMAGE_SIZE: u64 = 1 << 30;
@@ -33,8 +32,6 @@ const HDRS: u64 = 0x10000;
 const STATUS: u64 = 0x20000;
 const DATA: u64 = 0x100000;
 const DATA_SLOT: u64 = 1 << 20;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 const VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 
@@ -123,11 +120,10 @@ impl Offsets {
 }
 
 /// The driver side of one virtqueue in `mem`: request slots of (header, data, status)
-/// descriptors, an available ring the driver fills and a used ring it reaps.
+/// descriptors on a [`Ring`].
 struct Driver<'a> {
     mem: &'a GuestMemoryMmap<()>,
-    avail_idx: u16,
-    used_seen: u16,
+    ring: Ring,
     free: Vec<u16>,
 }
 
@@ -135,15 +131,7 @@ impl<'a> Driver<'a> {
     /// Writes every slot's descriptors (header, data, status) once: a request then costs the
     /// driver its header's sector, one ring entry and the index.
     fn new(mem: &'a GuestMemoryMmap<()>, w: Workload) -> Driver<'a> {
-        mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
-        mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
-        mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
-        let d = Driver {
-            mem,
-            avail_idx: 0,
-            used_seen: 0,
-            free: (0..w.qd as u16).rev().collect(),
-        };
+        let ring = Ring::new(mem, QSIZE, DESC, AVAIL, USED);
         let kind = if w.write {
             VIRTIO_BLK_T_OUT
         } else {
@@ -154,20 +142,17 @@ impl<'a> Driver<'a> {
             let hdr = GuestAddress(HDRS + u64::from(slot) * 16);
             mem.write_obj(kind, hdr).unwrap();
             mem.write_obj(0u32, hdr.unchecked_add(4)).unwrap();
-            d.desc(h, hdr.0, 16, NEXT, dd);
+            ring.write_desc(mem, h, hdr.0, 16, NEXT, dd);
             let data = DATA + u64::from(slot) * DATA_SLOT;
-            d.desc(dd, data, w.size, NEXT | if w.write { 0 } else { WRITE }, st);
-            d.desc(st, STATUS + u64::from(slot), 1, WRITE, 0);
+            let flags = NEXT | if w.write { 0 } else { WRITE };
+            ring.write_desc(mem, dd, data, w.size, flags, st);
+            ring.write_desc(mem, st, STATUS + u64::from(slot), 1, WRITE, 0);
         }
-        d
-    }
-
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(DESC + u64::from(i) * 16);
-        self.mem.write_obj(addr, a).unwrap();
-        self.mem.write_obj(len, a.unchecked_add(8)).unwrap();
-        self.mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-        self.mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        Driver {
+            mem,
+            ring,
+            free: (0..w.qd as u16).rev().collect(),
+        }
     }
 
     /// Queues one request in a free slot; false when all slots are in flight.
@@ -179,25 +164,14 @@ impl<'a> Driver<'a> {
         self.mem
             .write_obj(offset / 512, hdr.unchecked_add(8))
             .unwrap();
-        let ring = GuestAddress(AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2);
-        self.mem.write_obj(slot * 3, ring).unwrap();
-        fence(Ordering::SeqCst);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
-        fence(Ordering::SeqCst);
+        self.ring.offer(self.mem, &[slot * 3]);
         true
     }
 
     /// Reaps completed requests; returns how many (panics on an error status).
     fn reap(&mut self) -> usize {
-        fence(Ordering::SeqCst);
-        let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        let mut n = 0;
-        while self.used_seen != used {
-            let e = GuestAddress(USED + 4 + u64::from(self.used_seen % QSIZE) * 8);
-            let id: u32 = self.mem.read_obj(e).unwrap();
+        let used = self.ring.take_used(self.mem);
+        for &(id, _) in &used {
             let slot = (id / 3) as u16;
             let st: u8 = self
                 .mem
@@ -205,10 +179,8 @@ impl<'a> Driver<'a> {
                 .unwrap();
             assert_eq!(st, 0, "request failed with status {st}");
             self.free.push(slot);
-            self.used_seen = self.used_seen.wrapping_add(1);
-            n += 1;
         }
-        n
+        used.len()
     }
 }
 
@@ -267,13 +239,8 @@ fn shared_memory() -> (GuestMemoryMmap<()>, File) {
 fn run_model(image: &Path, w: Workload, secs: f64) -> Result {
     let disk = Disk::open(image, false, "bench").unwrap();
     let mem = anon_memory();
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
     let mut d = Driver::new(&mem, w);
+    let mut q = d.ring.queue();
     let mut offs = Offsets::new(w);
     let (mut ops, t0) = (0u64, Instant::now());
     while t0.elapsed().as_secs_f64() < secs {

@@ -1,4 +1,4 @@
-//! Network benchmark (`cargo bench --bench net`, needs root for the TAP): the virtio-net device
+//! Network benchmark (`cargo bench --features testing --bench net`, needs root for the TAP): the virtio-net device
 //! model's transmit and receive paths (`devices::net::{tx, rx}`) moving 1514-byte frames
 //! between guest memory and a real TAP, with the host end an AF_PACKET socket on the TAP:
 //!
@@ -9,12 +9,12 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::net::{RxOffloads, Tap, VNET_HDR_LEN, rx, tx};
+use vmm::testing::{Ring, WRITE};
 
 const QSIZE: u16 = 256;
 const DESC: u64 = 0x0;
@@ -24,37 +24,16 @@ const BUFS: u64 = 0x10000;
 const BUF_LEN: u64 = 2048;
 const FRAME: usize = 1514;
 const ETHERTYPE: u16 = 0x88b5;
-const WRITE: u16 = 2;
 
-fn queue() -> Queue {
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
-    q
-}
-
-/// Makes `n` single-buffer chains available (descriptor i → buffer i), continuing from `idx`.
-fn offer(mem: &GuestMemoryMmap<()>, idx: &mut u16, n: u16, len: u32, flags: u16) {
-    for _ in 0..n {
-        let i = *idx % QSIZE;
-        let d = GuestAddress(DESC + u64::from(i) * 16);
-        mem.write_obj(BUFS + u64::from(i) * BUF_LEN, d).unwrap();
-        mem.write_obj(len, d.unchecked_add(8)).unwrap();
-        mem.write_obj(flags, d.unchecked_add(12)).unwrap();
-        mem.write_obj(0u16, d.unchecked_add(14)).unwrap();
-        mem.write_obj(i, GuestAddress(AVAIL + 4 + u64::from(i) * 2))
-            .unwrap();
-        *idx = idx.wrapping_add(1);
+/// Makes `n` single-buffer chains available (descriptor i → buffer i).
+fn offer(mem: &GuestMemoryMmap<()>, ring: &mut Ring, n: u16, len: u32, flags: u16) {
+    let heads: Vec<u16> = (0..n)
+        .map(|k| ring.avail_idx().wrapping_add(k) % QSIZE)
+        .collect();
+    for &i in &heads {
+        ring.write_desc(mem, i, BUFS + u64::from(i) * BUF_LEN, len, flags, 0);
     }
-    fence(Ordering::SeqCst);
-    mem.write_obj(*idx, GuestAddress(AVAIL + 2)).unwrap();
-}
-
-fn used_idx(mem: &GuestMemoryMmap<()>) -> u16 {
-    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    ring.offer(mem, &heads);
 }
 
 fn packet_socket(ifname: &str) -> OwnedFd {
@@ -145,15 +124,14 @@ fn guest_to_host(tap: &Tap, host: &OwnedFd, secs: f64) {
             }
         }
     });
-    let mut q = queue();
-    let (mut idx, mut seen) = (0u16, 0u16);
+    let mut ring = Ring::new(&mem, QSIZE, DESC, AVAIL, USED);
+    let mut q = ring.queue();
     let (t0, mut sent) = (Instant::now(), 0u64);
     while t0.elapsed().as_secs_f64() < secs {
-        let free = QSIZE - idx.wrapping_sub(seen);
-        offer(&mem, &mut idx, free, hdr_and_frame.len() as u32, 0);
+        let free = QSIZE - ring.in_flight(&mem);
+        offer(&mem, &mut ring, free, hdr_and_frame.len() as u32, 0);
         let o = tx(&mut q, &mem, Some(tap.as_fd()), 256);
         sent += o.packets;
-        seen = used_idx(&mem);
     }
     let elapsed = t0.elapsed();
     std::thread::sleep(Duration::from_millis(200));
@@ -184,16 +162,15 @@ fn host_to_guest(tap: &Tap, host: &OwnedFd, secs: f64) {
         }
         n
     });
-    let mut q = queue();
-    let (mut idx, mut seen) = (0u16, 0u16);
+    let mut ring = Ring::new(&mem, QSIZE, DESC, AVAIL, USED);
+    let mut q = ring.queue();
     let offloads = RxOffloads::default();
     let (t0, mut got) = (Instant::now(), 0u64);
     while t0.elapsed().as_secs_f64() < secs {
-        let free = QSIZE - idx.wrapping_sub(seen);
-        offer(&mem, &mut idx, free, BUF_LEN as u32, WRITE);
+        let free = QSIZE - ring.in_flight(&mem);
+        offer(&mem, &mut ring, free, BUF_LEN as u32, WRITE);
         let o = rx(&mut q, &mem, tap.as_fd(), offloads, 256);
         got += o.packets;
-        seen = used_idx(&mem);
         if o.packets == 0 {
             std::thread::yield_now();
         }

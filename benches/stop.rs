@@ -1,4 +1,4 @@
-//! How fast vmm stops (`cargo bench --bench stop`), the promise being 2 s from SIGTERM to exit
+//! How fast vmm stops (`cargo bench --features testing --bench stop`), the promise being 2 s from SIGTERM to exit
 //! in every state (docs/performance.md):
 //!
 //! - SIGTERM → exit, `VMM_BENCH_RUNS` times each (default 10), with tiny guests: idle; stdout
@@ -309,38 +309,6 @@ impl Drop for SlowDisk {
     }
 }
 
-/// A VM for the transport alone: MSI vectors that count nothing, no ioeventfds.
-#[derive(Debug)]
-struct NullVm;
-#[derive(Debug)]
-struct NullMsi;
-impl vmm::hw::MsiVector for NullMsi {
-    fn set_message(&self, _: u64, _: u32) -> Result<(), vmm::hw::DeviceError> {
-        Ok(())
-    }
-    fn trigger(&self) {}
-}
-impl vmm::hw::VmHandle for NullVm {
-    fn register_ioevent(
-        &self,
-        _: &vmm_sys_util::eventfd::EventFd,
-        _: u64,
-    ) -> Result<(), vmm::hw::DeviceError> {
-        Ok(())
-    }
-    fn unregister_ioevent(
-        &self,
-        _: &vmm_sys_util::eventfd::EventFd,
-        _: u64,
-    ) -> Result<(), vmm::hw::DeviceError> {
-        Ok(())
-    }
-    fn msi_vector(&self) -> Result<Arc<dyn vmm::hw::MsiVector>, vmm::hw::DeviceError> {
-        Ok(Arc::new(NullMsi))
-    }
-    fn move_mmio(&self, _: u64, _: u64, _: u64, _: vmm::hw::bus::SharedDevice) {}
-}
-
 /// Reset latency of a virtio-blk function with a full ring of 256 reads of 8 MiB.
 fn reset_latency() {
     use vmm::devices::block::{Block, Disk};
@@ -352,7 +320,7 @@ fn reset_latency() {
     let dev = VirtioPci::new(
         "bench",
         Box::new(Block::new(disk)),
-        Arc::new(NullVm),
+        Arc::new(vmm::testing::NullVm),
         mem.clone(),
         0,
     )

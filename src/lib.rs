@@ -22,6 +22,8 @@ pub mod logging;
 pub mod reconcile;
 pub mod spec;
 pub mod sync;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod validate;
 pub mod vhost_user;
 

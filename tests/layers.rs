@@ -12,6 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["sync", "diag", "hostfile", "logging", "alloc_track"],
     &["contract"],
     &["hw"],
+    &["testing"],
     &["devices"],
     &["spec"],
     &["validate"],

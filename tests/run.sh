@@ -10,7 +10,7 @@ mkdir -p target
 rm -f target/test-skips.txt
 # Lints (Cargo.toml [lints] and clippy's defaults) on every target; the benchmarks are not run
 # here, but this keeps them compiling against the code they measure.
-cargo clippy --all-targets --quiet --color never -- -D warnings || { echo "clippy found problems (or the benchmarks do not compile)" >&2; exit 1; }
+cargo clippy --all-targets --features testing --quiet --color never -- -D warnings || { echo "clippy found problems (or the benchmarks do not compile)" >&2; exit 1; }
 cargo test --no-fail-fast --color never 2>&1 | tee target/test-output.txt
 rc=${PIPESTATUS[0]}
 read -r passed failed ignored < <(awk '/^test result:/ {

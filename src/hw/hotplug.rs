@@ -202,17 +202,10 @@ impl BusDevice for HotplugPorts {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
-    #[derive(Debug, Default)]
-    struct Count(AtomicUsize);
-    impl Irq for Count {
-        fn trigger(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::testing::Count;
 
     type Setup = (Arc<Hotplug>, HotplugPorts, Arc<Count>, Arc<Mutex<Vec<u32>>>);
 
@@ -235,13 +228,13 @@ mod tests {
     fn plug_is_announced_once_and_unplug_waits_for_the_eject() {
         let (hp, mut p, irq, seen) = setup();
         assert!(hp.announce(31));
-        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+        assert_eq!(irq.get(), 1);
         assert_eq!(rd(&mut p, REG_UP), 1 << 31);
         assert_eq!(rd(&mut p, REG_UP), 0, "reading UP clears it");
         assert_eq!(rd(&mut p, REG_PRESENT), 1 << 31);
 
         assert!(hp.request_removal(31));
-        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
+        assert_eq!(irq.get(), 2);
         assert_eq!(rd(&mut p, REG_DOWN), 1 << 31);
         assert_eq!(rd(&mut p, REG_DOWN), 0);
         assert_eq!(hp.removing(), 1 << 31);
@@ -262,7 +255,7 @@ mod tests {
         assert!(!hp.announce(3), "slot 3 is not a hotplug slot");
         assert!(!hp.announce(200));
         assert!(!hp.request_removal(30), "nothing in slot 30");
-        assert_eq!(irq.0.load(Ordering::SeqCst), 0);
+        assert_eq!(irq.get(), 0);
         hp.announce(30);
         // The guest ejects on its own (and slots that do not exist): ignored.
         p.write(0, REG_EJECT, &u32::MAX.to_le_bytes());

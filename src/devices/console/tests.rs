@@ -1,5 +1,5 @@
 use super::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -7,7 +7,7 @@ use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestAddress;
 
-use crate::hw::Irq;
+use crate::testing::{Count, Resets};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
@@ -390,22 +390,6 @@ fn emergency_write_is_output_at_once() {
     assert_eq!(d, [0; 4]);
 }
 
-#[derive(Debug, Default)]
-struct Count(AtomicUsize);
-impl Irq for Count {
-    fn trigger(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-#[derive(Debug, Default)]
-struct Resets(Mutex<Vec<String>>);
-impl NeedsReset for Resets {
-    fn needs_reset(&self, why: &str) {
-        self.0.lock().push(why.into());
-    }
-}
-
 fn wait_until(what: &str, f: impl Fn() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -461,7 +445,7 @@ fn worker_serves_both_queues_and_input_survives_reset() {
     assert_eq!(used(&rx, 0), (0, 5));
     assert_eq!(read(&mem, BUF, 5), b"early");
     wait_until("output", || captured(&f) == b"hello");
-    assert!(irq.0.load(Ordering::SeqCst) >= 2);
+    assert!(irq.get() >= 2);
     // No receive buffers: input waits, through a reset too.
     assert_eq!(input.push(b"more"), 4);
     c.reset();
@@ -491,5 +475,5 @@ fn worker_serves_both_queues_and_input_survives_reset() {
     let (mut a, _) = activation(&mem, &rx, &tx, &irq, &resets);
     a.queues.truncate(1);
     assert!(c.activate(a).is_err());
-    assert!(resets.0.lock().is_empty());
+    assert!(resets.taken().is_empty());
 }

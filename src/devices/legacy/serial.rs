@@ -294,21 +294,14 @@ impl CharInput for SerialInput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[derive(Debug, Default)]
-    struct Count(AtomicUsize);
-    impl Irq for Count {
-        fn trigger(&self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::testing::Count;
 
     #[test]
     fn a_stuck_interrupt_is_raised_again_only_without_progress() {
         let irq = Arc::new(Count::default());
         let (mut port, input) = SerialPort::new(irq.clone(), CharOut::Sink);
-        let n = || irq.0.load(Ordering::SeqCst);
+        let n = || irq.get() as usize;
         port.write(0x3f8, 1, &[0x01]); // IER: data available
         // Nothing waiting: nothing raised.
         input.unstick();
@@ -363,7 +356,7 @@ mod tests {
         port.write(0x3f8, 1, &[0x01]); // IER: received data available interrupt
         let took = input.push(&[b'x'; 1000]);
         assert!(took > 0 && took < 1000, "took {took}");
-        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        assert!(irq.get() > 0);
         let mut b = [0u8; 1];
         port.read(0x3f8, 0, &mut b);
         assert_eq!(b[0], b'x');

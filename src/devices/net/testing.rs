@@ -2,9 +2,8 @@
 //! SOCK_SEQPACKET socket pair keeps packet boundaries as a TAP does) and a fake driver.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_queue::Queue;
@@ -15,12 +14,9 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{FEATURES, VNET_HDR_LEN};
-use crate::hw::Irq;
-use crate::hw::virtio::{Activation, ActiveQueue, GuestMem, NeedsReset};
+use crate::hw::virtio::{Activation, ActiveQueue, GuestMem};
 
-pub const NEXT: u16 = 1;
-pub const WRITE: u16 = 2;
-pub const INDIRECT: u16 = 4;
+pub use crate::testing::{Count, INDIRECT, NEXT, Resets, WRITE};
 pub const MEM_SIZE: u64 = 4 << 20;
 /// Where tests put headers and buffers (the receive queue's rings are at 0).
 pub const HDR: u64 = 0x10000;
@@ -45,19 +41,7 @@ pub fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
 
 /// A connected SOCK_SEQPACKET pair standing in for a TAP: (device end, host end).
 pub fn packet_pair() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds into the array we own.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0, "{}", io::Error::last_os_error());
-    // SAFETY: both fds are fresh and ours.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    crate::testing::seqpacket_pair().expect("socketpair")
 }
 
 pub fn send(fd: &OwnedFd, data: &[u8]) {
@@ -110,32 +94,6 @@ pub fn header_and(frame_len: usize) -> Vec<u8> {
     let mut p = vec![0u8; VNET_HDR_LEN];
     p.extend((0..frame_len).map(|i| i as u8));
     p
-}
-
-/// An interrupt that counts.
-#[derive(Debug, Default)]
-pub struct Count(AtomicU64);
-
-impl Irq for Count {
-    fn trigger(&self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl Count {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Reset requests, recorded.
-#[derive(Debug, Default)]
-pub struct Resets(pub Mutex<Vec<String>>);
-
-impl NeedsReset for Resets {
-    fn needs_reset(&self, why: &str) {
-        self.0.lock().unwrap().push(why.to_string());
-    }
 }
 
 /// The driver's side of a running device.
