@@ -234,31 +234,18 @@ impl<'a> Builder<'a> {
         &mut self,
         graph: &DeviceGraph,
     ) -> Result<Option<Arc<Hotplug>>, VmError> {
-        let fail = |name: &str| {
+        let device = |name: &str| {
             let name = name.to_string();
-            move |e: crate::hw::bus::BusError| VmError::Device {
-                name,
-                source: DeviceError(e.to_string()),
-            }
+            move |source| VmError::Device { name, source }
         };
         let config = PciConfigIo::new(self.pci.clone());
-        let pm = AcpiPm::new(self.exit.clone());
         let (base, len) = PCI_CONFIG_PIO;
-        self.pio
-            .insert(
-                base.into(),
-                len.into(),
-                Arc::new(Mutex::new(Rank::BusDevice, config)),
-            )
-            .map_err(fail("pci-config"))?;
+        self.add_pio(base, len, Arc::new(Mutex::new(Rank::BusDevice, config)))
+            .map_err(device("pci-config"))?;
+        let pm = AcpiPm::new(self.exit.clone());
         let (base, len) = ACPI_PM_PIO;
-        self.pio
-            .insert(
-                base.into(),
-                len.into(),
-                Arc::new(Mutex::new(Rank::BusDevice, pm)),
-            )
-            .map_err(fail("acpi-pm"))?;
+        self.add_pio(base, len, Arc::new(Mutex::new(Rank::BusDevice, pm)))
+            .map_err(device("acpi-pm"))?;
         let ecam = PciEcam::new(self.pci.clone());
         self.mmio
             .write()
@@ -267,27 +254,19 @@ impl<'a> Builder<'a> {
                 PCI_ECAM_SIZE,
                 Arc::new(Mutex::new(Rank::BusDevice, ecam)),
             )
-            .map_err(fail("pci-ecam"))?;
+            .map_err(|e| device("pci-ecam")(DeviceError(e.to_string())))?;
         let Some(pin) = graph.hotplug_irq else {
             return Ok(None);
         };
-        let irq = self.irq_line(pin).map_err(|source| VmError::Device {
-            name: "pci-hotplug".into(),
-            source,
-        })?;
+        let irq = self.irq_line(pin).map_err(device("pci-hotplug"))?;
         let slots = graph.hotplug_slots().fold(0u32, |m, s| {
             m | 1u32.checked_shl(u32::from(s.slot)).unwrap_or(0)
         });
         let hp = Hotplug::new(slots, irq);
         let (base, len) = PCI_HOTPLUG_PIO;
         let ports = HotplugPorts(hp.clone());
-        self.pio
-            .insert(
-                base.into(),
-                len.into(),
-                Arc::new(Mutex::new(Rank::BusDevice, ports)),
-            )
-            .map_err(fail("pci-hotplug"))?;
+        self.add_pio(base, len, Arc::new(Mutex::new(Rank::BusDevice, ports)))
+            .map_err(device("pci-hotplug"))?;
         Ok(Some(hp))
     }
 }
