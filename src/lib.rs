@@ -20,6 +20,7 @@ pub mod hostfile;
 pub mod hw;
 pub mod logging;
 pub mod reconcile;
+pub mod sandbox;
 pub mod spec;
 pub mod sync;
 #[cfg(any(test, feature = "testing"))]

@@ -57,6 +57,11 @@ enum Command {
         /// Do not follow edits of the file (`vmm apply` still works).
         #[arg(long)]
         no_watch: bool,
+        /// Seccomp filters on every thread: `on` kills vmm on a system call a thread's
+        /// allowlist lacks (naming both), `log` lets it through and has the kernel log it
+        /// (dmesg), `off` installs none. See docs/security.md.
+        #[arg(long, value_enum, default_value = "on")]
+        seccomp: Seccomp,
     },
     /// Show a running VM's devices, hotplug slots and pending unplugs.
     Status {
@@ -90,7 +95,27 @@ enum Command {
         /// that truncates it then crashes this backend; QEMU's memory-backend-memfd seals).
         #[arg(long, global = true)]
         allow_unsealed_memory: bool,
+        /// Seccomp filter on the backend (as for `vmm up`).
+        #[arg(long, value_enum, default_value = "on", global = true)]
+        seccomp: Seccomp,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Seccomp {
+    On,
+    Log,
+    Off,
+}
+
+impl Seccomp {
+    fn mode(self) -> vmm::sandbox::Mode {
+        match self {
+            Seccomp::On => vmm::sandbox::Mode::Trap,
+            Seccomp::Log => vmm::sandbox::Mode::Log,
+            Seccomp::Off => vmm::sandbox::Mode::Off,
+        }
+    }
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -153,7 +178,11 @@ fn run(cli: Cli) -> ExitCode {
             format,
         } => status(machine.as_deref(), socket, format),
         Command::Stop { machine, socket } => stop(machine.as_deref(), socket),
-        Command::Up { file, no_watch } => up(&file, !no_watch),
+        Command::Up {
+            file,
+            no_watch,
+            seccomp,
+        } => up(&file, !no_watch, seccomp.mode()),
         Command::Device { .. } => unreachable!("handled in main"),
     }
 }
@@ -581,9 +610,15 @@ fn stop(machine: Option<&str>, socket: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn up(file: &Path, watch: bool) -> ExitCode {
+fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
     use vmm::backend::kvm::{self, Outcome};
     let t = std::time::Instant::now();
+    vmm::sandbox::crash_on_panic();
+    // Before any thread starts: every one is started by the launcher, filtered.
+    if let Err(e) = vmm::sandbox::init(seccomp, vmm::devices::DeviceKind::seccomp_lists()) {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     let checked = match vmm::check_file(file) {
         Ok(c) => c,
         Err(report) => {
@@ -643,13 +678,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn device(m: &clap::ArgMatches) -> ExitCode {
     let unsealed_ok = m.get_flag("allow_unsealed_memory");
+    let seccomp = m
+        .get_one::<Seccomp>("seccomp")
+        .copied()
+        .unwrap_or(Seccomp::On)
+        .mode();
+    vmm::sandbox::crash_on_panic();
     let Some((key, km)) = m.subcommand() else {
         return ExitCode::from(EXIT_BAD_FILE);
     };
     let Some(kind) = vmm::devices::DeviceKind::from_key(key) else {
         return ExitCode::from(EXIT_BAD_FILE);
     };
-    match vmm::vhost_user::cli::run(kind, km, unsealed_ok) {
+    match vmm::vhost_user::cli::run(kind, km, unsealed_ok, seccomp) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             for line in f.message.lines() {

@@ -9,7 +9,14 @@ use std::path::Path;
 
 /// Bottom to top; a module may import only modules listed before it (utilities at the bottom).
 const LAYERS: &[&[&str]] = &[
-    &["sync", "diag", "hostfile", "logging", "alloc_track"],
+    &[
+        "sync",
+        "diag",
+        "hostfile",
+        "logging",
+        "alloc_track",
+        "sandbox",
+    ],
     &["contract"],
     &["hw"],
     &["testing"],

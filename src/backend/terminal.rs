@@ -27,6 +27,7 @@ impl RawMode {
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return None;
             }
+            crate::sandbox::crash_restores_terminal(Some((fd, saved)));
             Some(RawMode { fd, saved })
         }
     }
@@ -34,6 +35,7 @@ impl RawMode {
 
 impl Drop for RawMode {
     fn drop(&mut self) {
+        crate::sandbox::crash_restores_terminal(None);
         // SAFETY: restores settings saved from the same fd.
         unsafe {
             libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved);

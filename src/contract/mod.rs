@@ -37,6 +37,9 @@ pub struct KindInfo {
     /// How `vmm device <key>` serves it as a vhost-user backend (its `Device::served`); `None`
     /// when it is not served.
     pub vhost_user: Option<ServedInfo>,
+    /// The system calls its worker threads make beyond [`crate::sandbox::WORKER_BASE`] (their
+    /// seccomp allowlist; docs/security.md). A worker that makes another call kills vmm.
+    pub seccomp: &'static crate::sandbox::Allow,
 }
 
 /// What `vmm device <key>` needs to know of a kind beyond its machine-file keys.

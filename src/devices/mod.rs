@@ -126,6 +126,13 @@ macro_rules! define_registry {
 }
 for_each_device_kind!(define_registry);
 
+impl DeviceKind {
+    /// Every kind's worker allowlist (the launcher's filter allows their union).
+    pub fn seccomp_lists() -> Vec<&'static crate::sandbox::Allow> {
+        DeviceKind::ALL.iter().map(|k| k.info().seccomp).collect()
+    }
+}
+
 impl std::fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.key())

@@ -386,6 +386,7 @@ pub struct SocketGuard(PathBuf);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
+        crate::sandbox::unregister_socket(&self.0);
         let _ = std::fs::remove_file(&self.0);
     }
 }
@@ -434,13 +435,15 @@ pub fn open(
             })?;
             let peer = Arc::new(SocketPeer::default());
             let p2 = peer.clone();
-            std::thread::Builder::new()
-                .name(format!(
-                    "sock:{}",
-                    path.file_name().and_then(|f| f.to_str()).unwrap_or("?")
-                ))
-                .spawn(move || serve_socket(listener, p2, input))
-                .map_err(|source| CharIoError::Socket { path: name, source })?;
+            let thread = format!(
+                "sock:{}",
+                path.file_name().and_then(|f| f.to_str()).unwrap_or("?")
+            );
+            crate::sandbox::spawn(&crate::sandbox::CHAR_SOCKET, false, thread, move || {
+                serve_socket(listener, p2, input)
+            })
+            .map_err(|source| CharIoError::Socket { path: name, source })?;
+            crate::sandbox::register_socket(&path);
             Ok((CharOut::Socket(peer), Some(SocketGuard(path))))
         }
     }

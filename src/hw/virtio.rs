@@ -192,16 +192,16 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Spawns `body` with a fresh stop signal.
+    /// Spawns `body` with a fresh stop signal, filtered by the kind's `list` (its seccomp
+    /// allowlist) before it runs.
     pub fn spawn(
+        list: &'static crate::sandbox::Allow,
         name: String,
         body: impl FnOnce(Arc<Stop>) + Send + 'static,
     ) -> Result<WorkerHandle, ActivateError> {
         let stop = Arc::new(Stop::new().map_err(|e| ActivateError(format!("eventfd: {e}")))?);
         let s2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || body(s2))
+        let thread = crate::sandbox::spawn(list, true, name, move || body(s2))
             .map_err(|e| ActivateError(format!("cannot start the device thread: {e}")))?;
         Ok(WorkerHandle {
             stop,

@@ -120,13 +120,17 @@ impl Server {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        crate::sandbox::register_socket(path);
         listener.set_nonblocking(true)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let clients = Arc::new(Clients::default());
         let (s2, c2) = (stop.clone(), clients.clone());
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve(listener, &s2, &tx, &c2))?;
+        let thread = crate::sandbox::spawn(
+            &crate::sandbox::CONTROL,
+            false,
+            "control".into(),
+            move || serve(listener, &s2, &tx, &c2),
+        )?;
         Ok(Server {
             path: path.to_path_buf(),
             stop,
@@ -142,6 +146,7 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        crate::sandbox::unregister_socket(&self.path);
         let _ = std::fs::remove_file(&self.path);
         // Requests in flight get their answers (`vmm stop` hears "stopping"), within the time
         // vmm promises to end in after a stop; clients that have sent nothing are not waited for.
@@ -202,14 +207,17 @@ fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Client
         return;
     }
     let (tx, c2) = (tx.clone(), clients.clone());
-    let spawned = std::thread::Builder::new()
-        .name("control-client".into())
-        .spawn(move || {
+    let spawned = crate::sandbox::spawn(
+        &crate::sandbox::CONTROL,
+        false,
+        "control-client".into(),
+        move || {
             if let Err(e) = answer(conn, &tx, &c2) {
                 log::debug!("control client: {e}");
             }
             c2.connected.fetch_sub(1, Ordering::SeqCst);
-        });
+        },
+    );
     if let Err(e) = spawned {
         // The connection went with the closure: the client sees it closed.
         clients.connected.fetch_sub(1, Ordering::SeqCst);

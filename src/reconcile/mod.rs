@@ -675,9 +675,11 @@ impl Live {
             None => None,
         };
         let mut r = Reconciler::new(target, path, checked, out);
-        let thread = std::thread::Builder::new()
-            .name("reconcile".into())
-            .spawn(move || {
+        let thread = crate::sandbox::spawn(
+            &crate::sandbox::RECONCILER,
+            false,
+            "reconcile".into(),
+            move || {
                 loop {
                     let ev = match rx.recv_timeout(Duration::from_secs(1)) {
                         Ok(ev) => ev,
@@ -688,8 +690,9 @@ impl Live {
                         return;
                     }
                 }
-            })
-            .ok();
+            },
+        )
+        .ok();
         (
             Live {
                 tx: tx.clone(),

@@ -184,7 +184,12 @@ fn value_of(kind: DeviceKind, m: &ArgMatches) -> Result<Value, String> {
 
 /// Checks the options of `vmm device <kind>`, opens the device and serves it until the front
 /// end disconnects.
-pub fn run(kind: DeviceKind, m: &ArgMatches, unsealed_ok: bool) -> Result<(), Failed> {
+pub fn run(
+    kind: DeviceKind,
+    m: &ArgMatches,
+    unsealed_ok: bool,
+    seccomp: crate::sandbox::Mode,
+) -> Result<(), Failed> {
     let bad = |message: String| Failed { code: 2, message };
     let value = value_of(kind, m).map_err(bad)?;
     // The schema first, as for a machine file: patterns, lengths and forms, all at once.
@@ -222,6 +227,14 @@ pub fn run(kind: DeviceKind, m: &ArgMatches, unsealed_ok: bool) -> Result<(), Fa
     let socket = m
         .get_one::<PathBuf>("socket")
         .ok_or_else(|| bad("--socket is required".into()))?;
+    // The device's files are open: from here the process makes only the daemon's calls and
+    // its kind's worker calls, in every thread the vhost-user crate starts.
+    let mut calls = kind.info().seccomp.calls.to_vec();
+    calls.extend_from_slice(crate::sandbox::WORKER_BASE);
+    crate::sandbox::init_process(seccomp, &crate::sandbox::DAEMON, &calls).map_err(|e| Failed {
+        code: 1,
+        message: e.to_string(),
+    })?;
     super::serve(kind.key(), model, socket, unsealed_ok).map_err(|e| Failed {
         code: 1,
         message: e.to_string(),

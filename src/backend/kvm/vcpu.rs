@@ -112,14 +112,17 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 
 /// Starts the thread of vCPU `id`.
 pub fn spawn(id: u32, mut fd: VcpuFd, shared: VcpuShared) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("vcpu{id}"))
-        .spawn(move || {
+    crate::sandbox::spawn(
+        &crate::sandbox::VCPU,
+        false,
+        format!("vcpu{id}"),
+        move || {
             let outcome = run_loop(id, &mut fd, &shared);
             if let Some(o) = outcome {
                 shared.exit.finish(o);
             }
-        })
+        },
+    )
 }
 
 fn run_loop(id: u32, fd: &mut VcpuFd, s: &VcpuShared) -> Option<Outcome> {

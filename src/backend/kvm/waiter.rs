@@ -29,15 +29,28 @@ pub(super) fn wait(
         stdin_open: stdin.is_some(),
         next_look: Instant::now() + char_io::UNSTICK_PERIOD,
         out: char_io::stdout_in_use(),
+        crash: None,
     };
+    // Another thread that crashes (a refused system call, a panic) wakes this one to remove
+    // the sockets: only this thread's filter allows it.
+    let crash = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).ok();
+    if let Some(c) = &crash {
+        crate::sandbox::main_loop_wakes_on(c.as_raw_fd());
+    }
+    l.crash = crash.as_ref().map(|c| c.as_raw_fd());
+    // From here on this thread handles guest output and input: filtered.
+    if let Err(e) = crate::sandbox::enter(&crate::sandbox::MAIN) {
+        exit.finish(Outcome::Failed(e.to_string()));
+    }
     while exit.outcome().is_none() {
         l.feed_guest();
         l.unstick_when_due();
         if let Some(stop) = l.poll_once() {
             exit.finish(stop);
-            return;
+            break;
         }
     }
+    crate::sandbox::main_loop_ended();
 }
 
 struct MainLoop<'a> {
@@ -54,6 +67,8 @@ struct MainLoop<'a> {
     /// When the character devices are next asked to `unstick`.
     next_look: Instant,
     out: Option<Arc<Stdout>>,
+    /// The crash wake-up eventfd ([`crate::sandbox::main_loop_wakes_on`]).
+    crash: Option<i32>,
 }
 
 fn pollfd(fd: i32, events: i16) -> libc::pollfd {
@@ -95,6 +110,8 @@ impl MainLoop<'_> {
             let fd = if o.has_pending() { o.fd() } else { -1 };
             fds.push(pollfd(fd, libc::POLLOUT));
         }
+        let crash_at = fds.len();
+        fds.push(pollfd(self.crash.unwrap_or(-1), libc::POLLIN));
         let stdin_at = fds.len();
         let poll_stdin = self.stdin_open && self.pending.is_empty();
         if poll_stdin {
@@ -113,6 +130,9 @@ impl MainLoop<'_> {
         let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {
             return None; // EINTR
+        }
+        if fds[crash_at].revents & libc::POLLIN != 0 {
+            crate::sandbox::crash_cleanup_and_exit();
         }
         if fds[1].revents & libc::POLLIN != 0
             && let Some(sig) = self.sigfd.read()

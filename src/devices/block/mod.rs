@@ -44,6 +44,21 @@ pub struct BlockSpec {
     pub slot: Option<PciSlot>,
 }
 
+/// The worker's system calls beyond the worker base: vectored reads and writes at an offset,
+/// flushes, discard and write-zeroes (fallocate).
+pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
+    kind: "block worker",
+    calls: &[
+        crate::sandbox::call!(SYS_preadv),
+        crate::sandbox::call!(SYS_pwritev),
+        crate::sandbox::call!(SYS_pread64),
+        crate::sandbox::call!(SYS_pwrite64),
+        crate::sandbox::call!(SYS_fdatasync),
+        crate::sandbox::call!(SYS_fsync),
+        crate::sandbox::call!(SYS_fallocate),
+    ],
+};
+
 impl DeviceKindInfo for BlockSpec {
     const INFO: KindInfo = KindInfo {
         key: "block",
@@ -57,6 +72,7 @@ impl DeviceKindInfo for BlockSpec {
             front_end_keys: &[],
             defaults: &[],
         }),
+        seccomp: &SECCOMP,
     };
 }
 
@@ -640,7 +656,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError("the request queue is not enabled".into()));
         };
         let (mem, disk, needs_reset) = (a.mem, self.disk.clone(), a.needs_reset);
-        let w = WorkerHandle::spawn("virtio-blk".into(), move |stop| {
+        let w = WorkerHandle::spawn(&SECCOMP, "virtio-blk".into(), move |stop| {
             let Ok(w) = Worker::new(stop.clone()) else {
                 return;
             };

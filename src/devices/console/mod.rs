@@ -39,6 +39,15 @@ pub struct ConsoleSpec {
     pub slot: Option<PciSlot>,
 }
 
+/// The worker's system calls beyond the worker base: output to a socket client or stdout.
+pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
+    kind: "console worker",
+    calls: &[
+        crate::sandbox::call!(SYS_sendto),
+        crate::sandbox::call!(SYS_recvfrom),
+    ],
+};
+
 impl DeviceKindInfo for ConsoleSpec {
     const INFO: KindInfo = KindInfo {
         key: "console",
@@ -52,6 +61,7 @@ impl DeviceKindInfo for ConsoleSpec {
             front_end_keys: &[],
             defaults: &[("io", "stdio")],
         }),
+        seccomp: &SECCOMP,
     };
 }
 
@@ -377,10 +387,11 @@ impl VirtioDevice for Console {
         };
         let (mem, input, out) = (a.mem, self.input.clone(), self.out.clone());
         let needs_reset = a.needs_reset;
-        self.worker
-            .start(WorkerHandle::spawn("virtio-console".into(), move |stop| {
-                run(stop, rx, tx, mem, input, out, needs_reset)
-            })?);
+        self.worker.start(WorkerHandle::spawn(
+            &SECCOMP,
+            "virtio-console".into(),
+            move |stop| run(stop, rx, tx, mem, input, out, needs_reset),
+        )?);
         Ok(())
     }
     fn reset(&mut self) {

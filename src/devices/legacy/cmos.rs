@@ -43,6 +43,7 @@ impl DeviceKindInfo for RtcSpec {
         aliases: &["cmos", "clock"],
         platform: &[PlatformFact::CmosRtc],
         vhost_user: None,
+        seccomp: &crate::sandbox::NO_WORKER,
     };
 }
 

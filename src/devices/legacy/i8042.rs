@@ -54,6 +54,7 @@ impl DeviceKindInfo for I8042Spec {
         aliases: &["keyboard", "ps2", "kbd"],
         platform: &[PlatformFact::Ps2Controller],
         vhost_user: None,
+        seccomp: &crate::sandbox::NO_WORKER,
     };
 }
 

@@ -88,6 +88,7 @@ impl DeviceKindInfo for SerialSpec {
         aliases: &["uart", "com", "serials"],
         platform: &[],
         vhost_user: None,
+        seccomp: &crate::sandbox::NO_WORKER,
     };
 }
 

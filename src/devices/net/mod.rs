@@ -85,6 +85,24 @@ impl NetSpec {
     }
 }
 
+/// The worker's system calls beyond the worker base: frames to and from the TAP.
+pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
+    kind: "net worker",
+    calls: &[
+        crate::sandbox::call!(SYS_readv),
+        crate::sandbox::call!(SYS_writev),
+        crate::sandbox::call!(
+            SYS_ioctl,
+            1,
+            &[
+                crate::sandbox::ioctl::TUNSETOFFLOAD,
+                crate::sandbox::ioctl::TUNSETVNETHDRSZ,
+                crate::sandbox::ioctl::TCSETS
+            ]
+        ),
+    ],
+};
+
 impl DeviceKindInfo for NetSpec {
     const INFO: KindInfo = KindInfo {
         key: "net",
@@ -98,6 +116,7 @@ impl DeviceKindInfo for NetSpec {
             front_end_keys: &["mac"],
             defaults: &[],
         }),
+        seccomp: &SECCOMP,
     };
 }
 

@@ -56,10 +56,14 @@ pub fn spawn_worker<T: AsFd + Send + Sync + 'static>(
         rx_broken: false,
         tx_broken: false,
     };
-    WorkerHandle::spawn("virtio-net".into(), move |stop| match Worker::new(stop) {
-        Ok(ep) => worker.run(&ep),
-        Err(e) => log::error!("TAP {}: cannot start the device loop: {e}", worker.name),
-    })
+    WorkerHandle::spawn(
+        &super::SECCOMP,
+        "virtio-net".into(),
+        move |stop| match Worker::new(stop) {
+            Ok(ep) => worker.run(&ep),
+            Err(e) => log::error!("TAP {}: cannot start the device loop: {e}", worker.name),
+        },
+    )
 }
 
 /// The state of one running device: its queues and the TAP.

@@ -217,9 +217,12 @@ impl Watcher {
         let mut buf = Box::new(EventBuf([0; EVENT_BUF_LEN]));
         state.prime(&mut buf);
         let thread_wake = Arc::clone(&wake);
-        let thread = std::thread::Builder::new()
-            .name("machine-watch".to_owned())
-            .spawn(move || state.run(&thread_wake, &mut buf))?;
+        let thread = crate::sandbox::spawn(
+            &crate::sandbox::WATCHER,
+            false,
+            "machine-watch".to_owned(),
+            move || state.run(&thread_wake, &mut buf),
+        )?;
         Ok(Watcher {
             path,
             wake,
