@@ -43,6 +43,11 @@ struct Up {
 
 fn up(file: &Path) -> Up {
     let runtime = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o700);
+        std::fs::set_permissions(runtime.path(), private).unwrap();
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .arg("up")
         .arg(file)

@@ -18,6 +18,7 @@ pub mod diag;
 pub mod graph;
 pub mod hostfile;
 pub mod hw;
+pub mod image_lock;
 pub mod logging;
 pub mod reconcile;
 pub mod sandbox;

@@ -614,6 +614,12 @@ fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
     use vmm::backend::kvm::{self, Outcome};
     let t = std::time::Instant::now();
     vmm::sandbox::crash_on_panic();
+    vmm::sandbox::owner_only_umask();
+    // The control socket's directory: refused when someone else could have planted it.
+    if let Err(e) = vmm::sandbox::runtime_dir(&vmm::reconcile::control::runtime_dir()) {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     // Before any thread starts: every one is started by the launcher, filtered.
     if let Err(e) = vmm::sandbox::init(seccomp, vmm::devices::DeviceKind::seccomp_lists()) {
         eprintln!("vmm: {e}");
@@ -684,6 +690,7 @@ fn device(m: &clap::ArgMatches) -> ExitCode {
         .unwrap_or(Seccomp::On)
         .mode();
     vmm::sandbox::crash_on_panic();
+    vmm::sandbox::owner_only_umask();
     let Some((key, km)) = m.subcommand() else {
         return ExitCode::from(EXIT_BAD_FILE);
     };

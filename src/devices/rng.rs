@@ -39,6 +39,7 @@ pub struct RngSpec {
 pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
     kind: "rng worker",
     calls: &[],
+    on_vcpu: &[],
 };
 
 impl DeviceKindInfo for RngSpec {

@@ -444,6 +444,10 @@ pub fn open(
             })
             .map_err(|source| CharIoError::Socket { path: name, source })?;
             crate::sandbox::register_socket(&path);
+            crate::sandbox::owner_only_socket(&path).map_err(|source| CharIoError::Socket {
+                path: path.display().to_string(),
+                source,
+            })?;
             Ok((CharOut::Socket(peer), Some(SocketGuard(path))))
         }
     }
@@ -453,6 +457,15 @@ fn serve_socket(listener: UnixListener, peer: Arc<SocketPeer>, input: Arc<dyn Ch
     use std::io::Read;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        match crate::sandbox::peer_uid(&stream) {
+            Some(uid) if crate::sandbox::uid_may_connect(uid) => {}
+            uid => {
+                log::warn!(
+                    "character socket: refused a client of uid {uid:?} (not root or the owner)"
+                );
+                continue;
+            }
+        }
         let Ok(writer) = stream.try_clone() else {
             continue;
         };

@@ -23,11 +23,14 @@ pub use super::protocol::{Answer, Request};
 /// The largest request accepted: a machine file of the largest size vmm reads, every byte
 /// escaped in JSON (`\u0000`), and room for the rest.
 const MAX_REQUEST: u64 = 6 * crate::spec::MAX_FILE_SIZE as u64 + (64 << 10);
-/// How long a client may take to send its request, and the VM to answer.
+/// How long a client may take to send its whole request (a deadline, not a per-read
+/// timeout: a client trickling a byte at a time is cut off too), and to take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Clients served at once (each on its own short-lived thread, so a client that is slow to
-/// send does not hold up the others); more are turned away with an error answer.
+/// send does not hold up the others). When all are taken, a new client takes the place of
+/// the one that has been sending its request longest (a real client sends it in one write);
+/// only when all are being answered is it turned away with an error answer.
 const MAX_CLIENTS: usize = 16;
 
 /// Where the control sockets of running VMs live: `$VMM_RUNTIME_DIR`, else
@@ -78,9 +81,36 @@ struct Clients {
     /// only after they have their answer (`vmm stop` hears "stopping").
     answering: Mutex<usize>,
     answered: Condvar,
+    /// Clients still sending their request, oldest first: (id, the connection).
+    reading: Mutex<std::collections::VecDeque<(u64, UnixStream)>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Clients {
+    /// Cuts off the client that has been sending its request longest; whether there was one.
+    fn evict_slowest(&self) -> bool {
+        let Some((_, conn)) = lock(&self.reading).pop_front() else {
+            return false;
+        };
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        true
+    }
+
+    /// Lists `conn` as sending its request until the guard is dropped.
+    fn reading(&self, conn: &UnixStream) -> impl Drop + '_ {
+        struct Reading<'a>(&'a Clients, u64);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.reading).retain(|(id, _)| *id != self.1);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        if let Ok(c) = conn.try_clone() {
+            lock(&self.reading).push_back((id, c));
+        }
+        Reading(self, id)
+    }
+
     /// Counts one request being answered until the guard is dropped.
     fn answering(&self) -> impl Drop + '_ {
         struct Answering<'a>(&'a Clients);
@@ -103,12 +133,8 @@ impl Server {
     /// Listens at `path` and hands requests to the reconciler. A socket file left by a VM that
     /// is gone is replaced; one a running VM answers on is not.
     pub fn start(path: &Path, tx: mpsc::Sender<Event>) -> std::io::Result<Server> {
-        use std::os::unix::fs::DirBuilderExt;
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+            crate::sandbox::runtime_dir(dir).map_err(std::io::Error::other)?;
         }
         if path.exists() {
             if answers(path) {
@@ -121,6 +147,7 @@ impl Server {
         }
         let listener = UnixListener::bind(path)?;
         crate::sandbox::register_socket(path);
+        crate::sandbox::owner_only_socket(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let clients = Arc::new(Clients::default());
@@ -200,9 +227,12 @@ fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Client
         let text = format!("the VM is serving {MAX_CLIENTS} other clients; try again");
         let _ = w.write_all(format!("{}\n", Answer::error(text).to_line()).as_bytes());
     };
-    if clients.connected.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+    if !peer_allowed(&conn) {
+        return;
+    }
+    if clients.connected.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS && !clients.evict_slowest() {
         clients.connected.fetch_sub(1, Ordering::SeqCst);
-        log::warn!("control socket: {MAX_CLIENTS} clients already; turning one away");
+        log::warn!("control socket: {MAX_CLIENTS} clients being answered; turning one away");
         busy();
         return;
     }
@@ -227,10 +257,11 @@ fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Client
 
 fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Clients) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line)?;
+    let line = {
+        let _reading = clients.reading(&conn);
+        read_request(&conn, std::time::Instant::now() + CLIENT_TIMEOUT)?
+    };
     if line.is_empty() {
         // Closed without a request: a client checking that the VM runs.
         return Ok(());
@@ -251,6 +282,55 @@ fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Clients) -> std:
     let mut w = &conn;
     w.write_all(format!("{}\n", reply.to_line()).as_bytes())?;
     w.flush()
+}
+
+/// Reads one request line, all of it before `deadline`, at most [`MAX_REQUEST`] bytes.
+fn read_request(conn: &UnixStream, deadline: std::time::Instant) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(
+                ErrorKind::TimedOut,
+                format!("the request took longer than {CLIENT_TIMEOUT:?}"),
+            ));
+        }
+        conn.set_read_timeout(Some(left))?;
+        let n = match (&*conn).read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        let end = chunk[..n].iter().position(|&b| b == b'\n');
+        buf.extend_from_slice(&chunk[..end.map_or(n, |i| i + 1)]);
+        if buf.len() as u64 > MAX_REQUEST {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "the request is too large",
+            ));
+        }
+        if end.is_some() {
+            break;
+        }
+    }
+    String::from_utf8(buf).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8"))
+}
+
+/// Whether the peer of `conn` may talk to this VM: root or the user vmm runs as
+/// (SO_PEERCRED; the socket's 0600 mode already keeps others out, this is the second check).
+pub fn peer_allowed(conn: &UnixStream) -> bool {
+    match crate::sandbox::peer_uid(conn) {
+        Some(uid) if crate::sandbox::uid_may_connect(uid) => true,
+        other => {
+            log::warn!("control socket: refused a client of uid {other:?} (not root or the owner)");
+            false
+        }
+    }
 }
 
 /// Sends `req` to the control socket at `path`; returns the answer.

@@ -32,6 +32,9 @@ pub struct Allow {
     /// The thread kind, as the SIGSYS message and docs/security.md name it.
     pub kind: &'static str,
     pub calls: &'static [Call],
+    /// What a device kind does on a vCPU thread, in the driver's register writes (activation
+    /// and reset: e.g. a NIC's TUNSETOFFLOAD): the vCPU filter allows every kind's.
+    pub on_vcpu: &'static [Call],
 }
 
 impl Allow {
@@ -193,6 +196,7 @@ pub const VCPU: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_fcntl, 1, FCNTL),
     ],
+    on_vcpu: &[],
 };
 
 /// The caller's thread while the VM runs, and its teardown: signals, terminal, stdout,
@@ -212,6 +216,7 @@ pub const MAIN: Allow = Allow {
         call!(SYS_shutdown),
         call!(SYS_epoll_ctl),
     ],
+    on_vcpu: &[],
 };
 
 /// The machine-file watcher: inotify on the file's directory, non-blocking reads of the file.
@@ -231,6 +236,7 @@ pub const WATCHER: Allow = Allow {
         call!(SYS_inotify_rm_watch),
         call!(SYS_fcntl, 1, FCNTL),
     ],
+    on_vcpu: &[],
 };
 
 /// The reconciler: re-checks the file (reads the files it names), opens TAPs, wires plugged
@@ -267,12 +273,12 @@ pub const RECONCILER: Allow = Allow {
         }),
         call!(SYS_eventfd2),
         call!(SYS_fcntl, 1, FCNTL),
-        call!(SYS_flock),
         call!(SYS_tgkill),
         call!(SYS_poll),
         call!(SYS_sendto),
         call!(SYS_epoll_ctl),
     ],
+    on_vcpu: &[],
 };
 
 /// The control socket's accept thread, and one thread per client.
@@ -286,9 +292,12 @@ pub const CONTROL: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_getsockopt),
         call!(SYS_setsockopt),
+        call!(SYS_shutdown),
+        call!(SYS_geteuid),
         call!(SYS_ioctl, 1, &[FIONBIO, TCSETS]),
         call!(SYS_fcntl, 1, FCNTL),
     ],
+    on_vcpu: &[],
 };
 
 /// A character device's socket backend: accept one client, read its input.
@@ -302,9 +311,11 @@ pub const CHAR_SOCKET: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_getsockopt),
         call!(SYS_shutdown),
+        call!(SYS_geteuid),
         call!(SYS_ioctl, 1, &[FIONBIO, TCSETS]),
         call!(SYS_fcntl, 1, FCNTL),
     ],
+    on_vcpu: &[],
 };
 
 /// What every device worker does besides its own I/O: wait on its eventfds, signal irqfds.
@@ -344,6 +355,7 @@ pub const DAEMON: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_shutdown),
         call!(SYS_getsockopt),
+        call!(SYS_geteuid),
         call!(SYS_read),
         call!(SYS_fstat),
         call!(SYS_statx),
@@ -372,6 +384,7 @@ pub const DAEMON: Allow = Allow {
         call!(SYS_rseq),
         call!(SYS_prctl),
     ],
+    on_vcpu: &[],
 };
 
 /// The thread kinds vmm itself runs (device workers come from the registry).
@@ -381,4 +394,5 @@ pub const OWN: &[&Allow] = &[&VCPU, &MAIN, &WATCHER, &RECONCILER, &CONTROL, &CHA
 pub const NO_WORKER: Allow = Allow {
     kind: "none",
     calls: &[],
+    on_vcpu: &[],
 };

@@ -14,8 +14,10 @@
 //! nothing. A panic takes the same crash path ([`fatal`]).
 
 mod allow;
+mod local;
 
 pub use allow::*;
+pub use local::{owner_only_socket, owner_only_umask, peer_uid, runtime_dir, uid_may_connect};
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -154,15 +156,24 @@ fn union_of(kinds: &[&'static Allow]) -> Vec<Call> {
     let mut v: Vec<Call> = SPAWN.to_vec();
     for k in kinds {
         v.extend_from_slice(k.calls);
+        v.extend_from_slice(k.on_vcpu);
     }
     v.extend_from_slice(WORKER_BASE);
     v
 }
 
 /// Installs the filter of `list` on the calling thread (nothing when the sandbox is off or
-/// not set up). The thread's calls are then [`COMMON`] and `list`'s.
+/// not set up). The thread's calls are then [`COMMON`] and `list`'s; a vCPU's also what every
+/// device kind does on a vCPU ([`Allow::on_vcpu`]).
 pub fn enter(list: &'static Allow) -> Result<(), SandboxError> {
     KIND.with(|k| k.set(list.kind));
+    if std::ptr::eq(list, &VCPU) {
+        let mut calls = list.calls.to_vec();
+        for k in KINDS.get().into_iter().flatten() {
+            calls.extend_from_slice(k.on_vcpu);
+        }
+        return install(list.kind, &calls);
+    }
     install(list.kind, list.calls)
 }
 
@@ -413,8 +424,18 @@ fn sigsys_syscall(info: *const libc::siginfo_t) -> i32 {
     unsafe { *(info.cast::<u8>().add(24).cast::<i32>()) }
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let nr = sigsys_syscall(info);
+    // SAFETY: an SA_SIGINFO handler's third argument is the interrupted thread's ucontext;
+    // the call's first arguments are in its saved RDI, RSI, RDX.
+    let args = unsafe {
+        let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+        [
+            g[libc::REG_RDI as usize],
+            g[libc::REG_RSI as usize],
+            g[libc::REG_RDX as usize],
+        ]
+    };
     let kind = KIND.with(|k| k.get());
     let mut buf = [0u8; 320];
     let mut w = Buf { b: &mut buf, n: 0 };
@@ -424,6 +445,13 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     w.num(nr as i64);
     w.put(b" (");
     w.put(name_of(nr as i64).as_bytes());
+    w.put(b", arguments ");
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            w.put(b", ");
+        }
+        w.hex(*a as u64);
+    }
     w.put(b"), which its allowlist does not permit; stopping vmm (`vmm up --seccomp=log` lets it through and logs it)\n");
     let n = w.n;
     write_stderr(&buf[..n]);
@@ -443,6 +471,21 @@ impl Buf<'_> {
         self.b[self.n..self.n + k].copy_from_slice(&s[..k]);
         self.n += k;
     }
+    fn hex(&mut self, mut v: u64) {
+        let mut d = [0u8; 16];
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            d[i] = b"0123456789abcdef"[(v & 15) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        self.put(b"0x");
+        self.put(&d[i..]);
+    }
+
     fn num(&mut self, mut v: i64) {
         if v < 0 {
             self.put(b"-");

@@ -54,7 +54,7 @@ fn a_refused_call_names_the_thread_kind_and_the_call() {
     let (code, err) = in_child("sandbox::tests::a_refused_call_names_the_thread_kind_and_the_call");
     assert_eq!(code, Some(EXIT_CRASH), "{err}");
     assert!(
-        err.contains("the vcpu thread made system call 41 (socket)"),
+        err.contains("the vcpu thread made system call 41 (socket, arguments 0x2, 0x1, 0x0)"),
         "{err}"
     );
     assert!(!err.contains("survived"), "{err}");
@@ -117,7 +117,7 @@ fn arguments_are_checked_no_new_code_and_only_listed_ioctls() {
     assert_eq!(code, Some(EXIT_CRASH), "{err}");
     assert!(err.contains("mapped data"), "{err}");
     assert!(
-        err.contains("the watcher thread made system call 9 (mmap)"),
+        err.contains("the watcher thread made system call 9 (mmap, arguments 0x0, 0x1000, 0x5)"),
         "{err}"
     );
     assert!(!err.contains("survived"), "{err}");
@@ -146,7 +146,7 @@ fn the_launcher_starts_filtered_threads() {
     assert_eq!(code, Some(EXIT_CRASH), "{err}");
     assert!(err.contains("watcher read a file"), "{err}");
     assert!(
-        err.contains("the vcpu thread made system call 257 (openat)"),
+        err.contains("the vcpu thread made system call 257 (openat, "),
         "{err}"
     );
     assert!(!err.contains("survived"), "{err}");
@@ -161,8 +161,10 @@ fn sigsys_message_buffer_formats_numbers() {
     w.num(435);
     w.put(b" ");
     w.num(-7);
+    w.put(b" ");
+    w.hex(0xae80);
     let n = w.n;
-    assert_eq!(&b[..n], b"0 435 -7");
+    assert_eq!(&b[..n], b"0 435 -7 0xae80");
     let mut small = [0u8; 4];
     let mut w = Buf {
         b: &mut small,

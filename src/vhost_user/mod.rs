@@ -233,9 +233,16 @@ fn serve_relayed(
     }
     let listener = UnixListener::bind(socket)
         .map_err(|e| err(&format!("cannot listen on {}", socket.display()), e))?;
-    let (front, _) = listener
-        .accept()
-        .map_err(|e| err("accepting the front end", e))?;
+    crate::sandbox::owner_only_socket(socket).map_err(|e| err("socket mode", e))?;
+    let front = loop {
+        let (front, _) = listener
+            .accept()
+            .map_err(|e| err("accepting the front end", e))?;
+        match crate::sandbox::peer_uid(&front) {
+            Some(uid) if crate::sandbox::uid_may_connect(uid) => break front,
+            uid => log::warn!("refused a front end of uid {uid:?} (not root or the owner)"),
+        }
+    };
     drop(listener);
     let _ = std::fs::remove_file(socket);
     // The daemon's end: a socket only this user can reach, gone once connected.

@@ -77,6 +77,15 @@ pub fn tiny(name: &str) -> PathBuf {
     p
 }
 
+/// A temporary directory only its owner can reach: vmm refuses a runtime directory others
+/// can (tempfile's are 0755 under the usual umask).
+pub fn private_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}
+
 /// A running `vmm up`.
 pub struct Vm {
     pub child: Child,
@@ -97,7 +106,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn new(kernel: &Path, body: &str) -> Machine {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_dir();
         let file = dir.path().join("m.toml");
         let text = format!("kernel = {:?}\n{body}", kernel.display().to_string());
         std::fs::write(&file, text).unwrap();
@@ -126,7 +135,7 @@ impl Vm {
             .stdout(stdout)
             .stderr(Stdio::piped());
         // Each VM has its own control socket directory: tests never talk to each other's VMs.
-        let runtime = tempfile::tempdir().unwrap();
+        let runtime = private_dir();
         cmd.env("VMM_RUNTIME_DIR", runtime.path());
         for (k, v) in env {
             cmd.env(k, v);

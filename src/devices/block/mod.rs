@@ -57,6 +57,7 @@ pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
         crate::sandbox::call!(SYS_fsync),
         crate::sandbox::call!(SYS_fallocate),
     ],
+    on_vcpu: &[],
 };
 
 impl DeviceKindInfo for BlockSpec {
@@ -223,16 +224,10 @@ impl Disk {
             crate::hostfile::open_input(path, crate::hostfile::Use::Disk { write: !readonly })
                 .map_err(|e| format!("disk image {} {e}", path.display()))?;
         let file = opened.file;
-        let op = if readonly {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a file we own.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
+        // Locks QEMU and other vmm processes honour (src/image_lock.rs).
+        if let Err(e) = crate::image_lock::lock(&file, !readonly) {
             return Err(format!(
-                "disk image {} is in use by another process ({e})",
+                "disk image {} is in use by another process: {e}",
                 path.display()
             ));
         }

@@ -46,6 +46,7 @@ pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
         crate::sandbox::call!(SYS_sendto),
         crate::sandbox::call!(SYS_recvfrom),
     ],
+    on_vcpu: &[],
 };
 
 impl DeviceKindInfo for ConsoleSpec {

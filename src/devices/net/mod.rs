@@ -85,7 +85,8 @@ impl NetSpec {
     }
 }
 
-/// The worker's system calls beyond the worker base: frames to and from the TAP.
+/// The worker's system calls beyond the worker base: frames to and from the TAP (and its
+/// offloads, which a served NIC sets from its worker).
 pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
     kind: "net worker",
     calls: &[
@@ -101,6 +102,12 @@ pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
             ]
         ),
     ],
+    // Activation and reset set the TAP's offloads to what the driver accepted.
+    on_vcpu: &[crate::sandbox::call!(
+        SYS_ioctl,
+        1,
+        &[crate::sandbox::ioctl::TUNSETOFFLOAD]
+    )],
 };
 
 impl DeviceKindInfo for NetSpec {
