@@ -1,7 +1,8 @@
 //! Boot benchmark (`cargo bench --bench boot`): vmm side by side with QEMU on the same guests.
 //!
 //! 1. A tiny guest (tests/guest/tiny/hello-pvh) that prints READY on COM1 and powers off:
-//!    launch → READY, launch → exit, peak RSS; `VMM_BENCH_RUNS` runs each (default 30).
+//!    launch → READY, launch → exit, peak RSS; `VMM_BENCH_RUNS` runs each (default 30); vmm
+//!    with its seccomp filters (the default) and with `--seccomp off`, interleaved.
 //! 2. The Linux test kernel + initramfs: launch → the guest's /init printing VMM-READY;
 //!    `VMM_BENCH_LINUX_RUNS` runs each (default 3; about 30 s per run on PVM hosts).
 //!
@@ -121,13 +122,18 @@ fn main() {
         "{:<34} {:>4} {:>12} {:>12} {:>10}",
         "tiny guest (READY, power off)", "runs", "→READY ms", "→exit ms", "RSS MiB"
     );
-    let mut v = Vec::new();
+    // Interleaved A/B: the default (a seccomp filter on every thread) and --seccomp off.
+    let (mut v, mut off) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut c = Command::new(vmm);
         c.arg("up").arg(&m);
         v.extend(run(c, "READY", None, Duration::from_secs(10)));
+        let mut c = Command::new(vmm);
+        c.args(["up", "--seccomp", "off"]).arg(&m);
+        off.extend(run(c, "READY", None, Duration::from_secs(10)));
     }
     report("vmm up", &v);
+    report("vmm up --seccomp off", &off);
     match qemu() {
         Some(q) => {
             let mut v = Vec::new();

@@ -284,3 +284,26 @@ kvm_test!(a_runtime_directory_others_can_reach_is_refused, {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("symbolic link"), "{err}");
 });
+
+/// docs/security.md's table of allowlists says how many calls each thread kind may make;
+/// the numbers are the filters' own.
+#[test]
+fn security_md_counts_match_the_filters() {
+    use vmm::sandbox::{self, Allow};
+    let doc = std::fs::read_to_string(common::root().join("docs/security.md")).unwrap();
+    let devices = vmm::devices::DeviceKind::seccomp_lists();
+    let mut kinds: Vec<(&Allow, bool)> = sandbox::OWN.iter().map(|a| (*a, false)).collect();
+    kinds.push((&sandbox::DAEMON, false));
+    kinds.extend(
+        devices
+            .iter()
+            .filter(|a| a.kind != "none")
+            .map(|a| (*a, true)),
+    );
+    let missing: Vec<String> = kinds
+        .into_iter()
+        .map(|(list, worker)| format!("| {} | {} |", list.kind, list.count(worker, &devices)))
+        .filter(|row| !doc.contains(row))
+        .collect();
+    assert!(missing.is_empty(), "docs/security.md lacks the rows {missing:#?}");
+}

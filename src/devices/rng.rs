@@ -34,11 +34,14 @@ pub struct RngSpec {
     pub slot: Option<PciSlot>,
 }
 
-/// The worker's system calls beyond the worker base: entropy comes from getrandom(2)
-/// (in every thread's list).
+/// The worker's system calls beyond the worker base: entropy from getrandom(2), and sleeping
+/// out the rate limit.
 pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
     kind: "rng worker",
-    calls: &[],
+    calls: &[
+        crate::sandbox::call!(SYS_getrandom),
+        crate::sandbox::call!(SYS_clock_nanosleep),
+    ],
     on_vcpu: &[],
 };
 

@@ -212,7 +212,10 @@ fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>, clien
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 log::warn!("control socket: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+                // A pause before accepting again (EMFILE and the like), without sleep(2): a
+                // poll on nothing, which the control thread's filter allows anyway.
+                // SAFETY: poll with no descriptors only waits.
+                unsafe { libc::poll(std::ptr::null_mut(), 0, 10) };
             }
         }
     }
@@ -222,7 +225,6 @@ fn serve(listener: UnixListener, stop: &EventFd, tx: &mpsc::Sender<Event>, clien
 fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Clients>) {
     let busy = || {
         let mut w = &conn;
-        let _ = w.set_nonblocking(false);
         let _ = w.set_write_timeout(Some(CLIENT_TIMEOUT));
         let text = format!("the VM is serving {MAX_CLIENTS} other clients; try again");
         let _ = w.write_all(format!("{}\n", Answer::error(text).to_line()).as_bytes());
@@ -256,7 +258,7 @@ fn serve_client(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Arc<Client
 }
 
 fn answer(conn: UnixStream, tx: &mpsc::Sender<Event>, clients: &Clients) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
+    // Accepted sockets start blocking (accept4 does not pass the listener's O_NONBLOCK on).
     conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let line = {
         let _reading = clients.reading(&conn);

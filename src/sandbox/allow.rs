@@ -38,10 +38,17 @@ pub struct Allow {
 }
 
 impl Allow {
-    /// The system calls this kind may make, counting [`COMMON`] (a call allowed with
-    /// several argument lists counts once).
-    pub fn count(&self) -> usize {
+    /// The system calls a thread of this kind may make, as its filter is built: [`COMMON`],
+    /// its list, [`WORKER_BASE`] for a device worker, every kind's `on_vcpu` for a vCPU (a call
+    /// allowed with several argument lists counts once).
+    pub fn count(&self, worker: bool, kinds: &[&Allow]) -> usize {
         let mut n: Vec<i64> = COMMON.iter().chain(self.calls).map(|c| c.nr).collect();
+        if worker {
+            n.extend(WORKER_BASE.iter().map(|c| c.nr));
+        }
+        if self.kind == VCPU.kind {
+            n.extend(kinds.iter().flat_map(|k| k.on_vcpu).map(|c| c.nr));
+        }
         n.sort_unstable();
         n.dedup();
         n.len()
@@ -126,8 +133,10 @@ pub mod ioctl {
 
 use ioctl::*;
 
-/// What every thread does whatever its job: allocate, lock, log, sleep, end (std's thread
-/// start and exit included), and the crash path (restore the terminal, say why, exit).
+/// What every thread does whatever its job, once its filter is on: allocate, lock, log, end
+/// (thread exit unmaps the signal stack, releases the stack, blocks signals), and the crash
+/// path (say why, wake the main thread, wait on a futex, exit). What a thread does before its
+/// filter (the C library's thread start) runs under the launcher's filter, not this one.
 pub const COMMON: &[Call] = &[
     call!(SYS_brk),
     call!(SYS_mmap, noexec),
@@ -138,13 +147,8 @@ pub const COMMON: &[Call] = &[
     call!(SYS_futex),
     call!(SYS_write),
     call!(SYS_close),
-    call!(SYS_getrandom),
-    call!(SYS_gettid),
-    call!(SYS_getpid),
-    call!(SYS_clock_nanosleep),
     call!(SYS_clock_gettime),
     call!(SYS_sched_yield),
-    call!(SYS_sched_getaffinity),
     call!(SYS_rt_sigprocmask),
     call!(SYS_rt_sigreturn),
     call!(SYS_sigaltstack),
@@ -183,7 +187,6 @@ pub const VCPU: Allow = Allow {
                 KVM_RUN,
                 KVM_GET_REGS,
                 KVM_IRQ_LINE,
-                TCSETS,
                 w[0],
                 w[1],
                 w[2],
@@ -192,7 +195,6 @@ pub const VCPU: Allow = Allow {
             ]
         }),
         call!(SYS_eventfd2),
-        call!(SYS_read),
         call!(SYS_sendto),
         call!(SYS_fcntl, 1, FCNTL),
     ],
@@ -209,6 +211,8 @@ pub const MAIN: Allow = Allow {
         call!(SYS_read),
         call!(SYS_ioctl, 1, &[TCGETS, TCSETS, FIONBIO]),
         call!(SYS_tgkill),
+        call!(SYS_getpid),
+        call!(SYS_clock_nanosleep),
         call!(SYS_unlink),
         call!(SYS_fcntl, 1, FCNTL),
         call!(SYS_sendto),
@@ -234,6 +238,7 @@ pub const WATCHER: Allow = Allow {
         call!(SYS_lseek),
         call!(SYS_inotify_add_watch),
         call!(SYS_inotify_rm_watch),
+        call!(SYS_clock_nanosleep),
         call!(SYS_fcntl, 1, FCNTL),
     ],
     on_vcpu: &[],
@@ -263,7 +268,6 @@ pub const RECONCILER: Allow = Allow {
                 SIOCGIFFLAGS,
                 FIONBIO,
                 FIOCLEX,
-                TCSETS,
                 w[0],
                 w[1],
                 w[2],
@@ -274,6 +278,9 @@ pub const RECONCILER: Allow = Allow {
         call!(SYS_eventfd2),
         call!(SYS_fcntl, 1, FCNTL),
         call!(SYS_tgkill),
+        call!(SYS_getpid),
+        call!(SYS_getrandom),
+        call!(SYS_clock_nanosleep),
         call!(SYS_poll),
         call!(SYS_sendto),
         call!(SYS_epoll_ctl),
@@ -287,14 +294,11 @@ pub const CONTROL: Allow = Allow {
     calls: &[
         call!(SYS_accept4),
         call!(SYS_poll),
-        call!(SYS_read),
         call!(SYS_recvfrom),
         call!(SYS_sendto),
         call!(SYS_getsockopt),
         call!(SYS_setsockopt),
         call!(SYS_shutdown),
-        call!(SYS_geteuid),
-        call!(SYS_ioctl, 1, &[FIONBIO, TCSETS]),
         call!(SYS_fcntl, 1, FCNTL),
     ],
     on_vcpu: &[],
@@ -311,8 +315,8 @@ pub const CHAR_SOCKET: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_getsockopt),
         call!(SYS_shutdown),
-        call!(SYS_geteuid),
-        call!(SYS_ioctl, 1, &[FIONBIO, TCSETS]),
+        call!(SYS_clock_nanosleep),
+        call!(SYS_ioctl, 1, &[FIONBIO]),
         call!(SYS_fcntl, 1, FCNTL),
     ],
     on_vcpu: &[],
@@ -323,18 +327,18 @@ pub const WORKER_BASE: &[Call] = &[
     call!(SYS_epoll_create1),
     call!(SYS_epoll_ctl),
     call!(SYS_epoll_wait),
-    call!(SYS_epoll_pwait),
     call!(SYS_read),
-    call!(SYS_ppoll),
     call!(SYS_poll),
-    call!(SYS_ioctl, 1, &[TCSETS]),
     call!(SYS_fcntl, 1, FCNTL),
 ];
 
-/// Starting threads (the launcher) and filtering them (every thread, before its own filter).
+/// Starting threads (the launcher), what a new thread does before its own filter (the C
+/// library's and std's thread start), and installing that filter.
 pub const SPAWN: &[Call] = &[
     call!(SYS_clone),
     call!(SYS_clone3),
+    call!(SYS_sched_getaffinity),
+    call!(SYS_gettid),
     call!(SYS_set_robust_list),
     call!(SYS_rseq),
     call!(SYS_prctl),
@@ -355,7 +359,6 @@ pub const DAEMON: Allow = Allow {
         call!(SYS_sendto),
         call!(SYS_shutdown),
         call!(SYS_getsockopt),
-        call!(SYS_geteuid),
         call!(SYS_read),
         call!(SYS_fstat),
         call!(SYS_statx),
@@ -363,6 +366,7 @@ pub const DAEMON: Allow = Allow {
         call!(SYS_unlink),
         call!(SYS_rmdir),
         call!(SYS_mkdir),
+        call!(SYS_chmod),
         call!(SYS_socket, 0, &[libc::AF_UNIX as u64]),
         call!(SYS_bind),
         call!(SYS_listen),
@@ -376,6 +380,11 @@ pub const DAEMON: Allow = Allow {
         call!(SYS_epoll_pwait),
         call!(SYS_rt_sigaction),
         call!(SYS_tgkill),
+        call!(SYS_getpid),
+        call!(SYS_gettid),
+        call!(SYS_getrandom),
+        call!(SYS_clock_nanosleep),
+        call!(SYS_sched_getaffinity),
         call!(SYS_ioctl, 1, &[FIONBIO, FIOCLEX, TCSETS]),
         call!(SYS_fcntl, 1, FCNTL),
         call!(SYS_clone),

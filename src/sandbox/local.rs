@@ -26,15 +26,23 @@ pub fn peer_uid(conn: &impl AsRawFd) -> Option<u32> {
     (r == 0).then_some(cred.uid)
 }
 
-/// Root and the user vmm runs as may use its sockets; nobody else.
-pub fn uid_may_connect(uid: u32) -> bool {
+/// The user vmm runs as, read once before the threads start (their filters need no geteuid).
+static OWNER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn owner() -> u32 {
     // SAFETY: geteuid cannot fail.
-    uid == 0 || uid == unsafe { libc::geteuid() }
+    *OWNER.get_or_init(|| unsafe { libc::geteuid() })
 }
 
-/// Files and sockets vmm creates are its user's only (sockets 0600 from the moment they
-/// exist: no window between bind and chmod).
+/// Root and the user vmm runs as may use its sockets; nobody else.
+pub fn uid_may_connect(uid: u32) -> bool {
+    uid == 0 || uid == owner()
+}
+
+/// Files and sockets vmm creates are its user's only (0700 from the moment they exist: no
+/// window between bind and chmod). Also notes the owner for [`uid_may_connect`].
 pub fn owner_only_umask() {
+    owner();
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(0o077) };
 }

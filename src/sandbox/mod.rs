@@ -63,7 +63,10 @@ static LAUNCHER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
 thread_local! {
     /// The kind of the current thread, for the SIGSYS message (const-initialised: reading it
     /// in a signal handler allocates nothing).
-    static KIND: Cell<&'static str> = const { Cell::new("main") };
+    static KIND: Cell<&'static str> = const { Cell::new("new (not yet filtered)") };
+    /// Whether this is the thread that runs the main loop (or the thread that set the sandbox
+    /// up, before it does): the crash path may remove sockets and restore the terminal here.
+    static IS_MAIN: Cell<bool> = const { Cell::new(false) };
 }
 
 fn mode() -> Option<Mode> {
@@ -90,8 +93,8 @@ pub enum SandboxError {
 /// allows every list in `kinds` (device workers) and vmm's own. Call once, first thing.
 pub fn init(m: Mode, kinds: Vec<&'static Allow>) -> Result<(), SandboxError> {
     MODE.store(1 + m as u8, Ordering::SeqCst);
-    // SAFETY: gettid has no preconditions.
-    MAIN_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    IS_MAIN.with(|m| m.set(true));
+    KIND.with(|k| k.set("main"));
     install_sigsys_handler();
     let mut all: Vec<&'static Allow> = allow::OWN.to_vec();
     all.extend(kinds);
@@ -167,7 +170,7 @@ fn union_of(kinds: &[&'static Allow]) -> Vec<Call> {
 /// device kind does on a vCPU ([`Allow::on_vcpu`]).
 pub fn enter(list: &'static Allow) -> Result<(), SandboxError> {
     KIND.with(|k| k.set(list.kind));
-    if std::ptr::eq(list, &VCPU) {
+    if list.kind == VCPU.kind {
         let mut calls = list.calls.to_vec();
         for k in KINDS.get().into_iter().flatten() {
             calls.extend_from_slice(k.on_vcpu);
@@ -293,7 +296,6 @@ static SOCKETS: std::sync::Mutex<Vec<CString>> = std::sync::Mutex::new(Vec::new(
 /// The main thread's wake-up eventfd: a thread whose filter has no `unlink` asks the main
 /// thread to remove the sockets. -1 while no main loop runs.
 static MAIN_WAKE: AtomicI32 = AtomicI32::new(-1);
-static MAIN_TID: AtomicI32 = AtomicI32::new(0);
 /// One filter for the whole process (`vmm device`): every thread may remove its socket.
 static PROCESS_WIDE: AtomicBool = AtomicBool::new(false);
 
@@ -323,6 +325,7 @@ pub fn unregister_socket(path: &std::path::Path) {
 /// The calling thread is the main loop, waking on `fd` (an eventfd) to call
 /// [`crash_cleanup_and_exit`] when another thread crashes.
 pub fn main_loop_wakes_on(fd: i32) {
+    IS_MAIN.with(|m| m.set(true));
     MAIN_WAKE.store(fd, Ordering::SeqCst);
 }
 
@@ -332,6 +335,9 @@ pub fn main_loop_ended() {
 }
 
 fn restore_terminal() {
+    if !IS_MAIN.with(|m| m.get()) && !PROCESS_WIDE.load(Ordering::SeqCst) {
+        return; // the main thread does it (only its filter has the ioctl)
+    }
     if let Ok(t) = TERMINAL.try_lock()
         && let Some((fd, saved)) = *t
     {
@@ -359,27 +365,34 @@ pub fn crash_cleanup_and_exit() -> ! {
 }
 
 /// The crash path: the message is written; the terminal is restored and the sockets removed
-/// (by the main thread when another thread crashed: only its filter allows `unlink`); exit.
+/// (by the main thread when another thread crashed: only its filter allows `unlink` and the
+/// terminal ioctl); exit.
 pub fn fatal() -> ! {
-    restore_terminal();
     let wake = MAIN_WAKE.load(Ordering::SeqCst);
-    // SAFETY: gettid has no preconditions.
-    let me = unsafe { libc::gettid() };
-    if wake >= 0 && me != MAIN_TID.load(Ordering::SeqCst) {
+    let main = IS_MAIN.with(|m| m.get()) || PROCESS_WIDE.load(Ordering::SeqCst);
+    if wake >= 0 && !main {
         let one = 1u64.to_ne_bytes();
+        let never = 0u32;
+        let ts = libc::timespec {
+            tv_sec: 2,
+            tv_nsec: 0,
+        };
         // SAFETY: writes 8 bytes from a local to the main loop's eventfd, then waits for the
-        // main thread to end the process (at most 2 s: it may be past its loop).
+        // main thread to end the process: a futex wait on a local nobody wakes, at most 2 s
+        // (the main thread may be past its loop).
         unsafe {
             libc::write(wake, one.as_ptr().cast(), 8);
-            let ts = libc::timespec {
-                tv_sec: 2,
-                tv_nsec: 0,
-            };
-            libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut());
+            libc::syscall(
+                libc::SYS_futex,
+                &never as *const u32,
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0u32,
+                &ts as *const libc::timespec,
+            );
         }
-    } else if me == MAIN_TID.load(Ordering::SeqCst) || PROCESS_WIDE.load(Ordering::SeqCst) {
-        // The main thread itself, or `vmm device`: their filters allow unlink.
+    } else if main {
         remove_sockets();
+        restore_terminal();
     }
     // SAFETY: ends the process at once.
     unsafe { libc::_exit(EXIT_CRASH) }
@@ -508,6 +521,12 @@ impl Buf<'_> {
 /// The name of a system call in any of vmm's lists, or a few others a bug might make.
 pub fn name_of(nr: i64) -> &'static str {
     const OTHERS: &[Call] = &[
+        call!(SYS_getrandom),
+        call!(SYS_gettid),
+        call!(SYS_getpid),
+        call!(SYS_clock_nanosleep),
+        call!(SYS_sched_getaffinity),
+        call!(SYS_read),
         call!(SYS_execve),
         call!(SYS_fork),
         call!(SYS_vfork),

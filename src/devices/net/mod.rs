@@ -97,8 +97,7 @@ pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
             1,
             &[
                 crate::sandbox::ioctl::TUNSETOFFLOAD,
-                crate::sandbox::ioctl::TUNSETVNETHDRSZ,
-                crate::sandbox::ioctl::TCSETS
+                crate::sandbox::ioctl::TUNSETVNETHDRSZ
             ]
         ),
     ],
