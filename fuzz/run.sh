@@ -16,7 +16,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 targets=$(cargo fuzz list)
-cargo fuzz build --quiet
+cargo fuzz build 2>&1 | grep -E "^(error|warning)" -A5 || true
 for t in $targets; do
   mkdir -p "corpus/$t" "seeds/$t"
   echo "fuzz: $t for ${secs}s" >&2

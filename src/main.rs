@@ -62,6 +62,11 @@ enum Command {
         /// (dmesg), `off` installs none. See docs/security.md.
         #[arg(long, value_enum, default_value = "on")]
         seccomp: Seccomp,
+        /// Landlock: limit the whole process to the files the machine file names, its
+        /// directory, the runtime directory, /dev/kvm and /dev/net/tun (edits that name new
+        /// files are then refused). See docs/security.md.
+        #[arg(long)]
+        landlock: bool,
     },
     /// Show a running VM's devices, hotplug slots and pending unplugs.
     Status {
@@ -182,7 +187,8 @@ fn run(cli: Cli) -> ExitCode {
             file,
             no_watch,
             seccomp,
-        } => up(&file, !no_watch, seccomp.mode()),
+            landlock,
+        } => up(&file, !no_watch, seccomp.mode(), landlock),
         Command::Device { .. } => unreachable!("handled in main"),
     }
 }
@@ -610,7 +616,7 @@ fn stop(machine: Option<&str>, socket: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
+fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode, landlock: bool) -> ExitCode {
     use vmm::backend::kvm::{self, Outcome};
     let t = std::time::Instant::now();
     vmm::sandbox::crash_on_panic();
@@ -620,10 +626,10 @@ fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
         eprintln!("vmm: {e}");
         return ExitCode::from(EXIT_RUNTIME);
     }
-    // Before any thread starts: every one is started by the launcher, filtered.
-    if let Err(e) = vmm::sandbox::init(seccomp, vmm::devices::DeviceKind::seccomp_lists()) {
-        eprintln!("vmm: {e}");
-        return ExitCode::from(EXIT_RUNTIME);
+    // Early, so the launcher installs its filter while the file is checked; with Landlock,
+    // once the files are known.
+    if !landlock && let Err(e) = start_sandbox(seccomp) {
+        return e;
     }
     let checked = match vmm::check_file(file) {
         Ok(c) => c,
@@ -634,6 +640,17 @@ fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
     };
     emit(&checked.warnings, Format::Human);
     log::debug!("machine file checked in {:?}", t.elapsed());
+    if landlock {
+        if let Err(e) = restrict_files(file, &checked) {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        // Now, so that the launcher (and every thread it starts) inherits the restriction.
+        if let Err(e) = start_sandbox(seccomp) {
+            return e;
+        }
+    }
+
     let g = &checked.graph;
     let path = file.to_path_buf();
     let follow = checked.clone();
@@ -665,6 +682,42 @@ fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode) -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// Seccomp for `vmm up`, before any thread starts: every one is started by the launcher.
+fn start_sandbox(seccomp: vmm::sandbox::Mode) -> Result<(), ExitCode> {
+    vmm::sandbox::init(seccomp, vmm::devices::DeviceKind::seccomp_lists()).map_err(|e| {
+        eprintln!("vmm: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
+/// `vmm up --landlock`: the files this machine may reach, from here on, in every thread.
+fn restrict_files(file: &Path, checked: &vmm::Checked) -> Result<(), String> {
+    use vmm::sandbox::landlock::{Enforced, FileUse, restrict};
+    let (inputs, outputs) = checked.valid.host_files();
+    let mut paths: Vec<(PathBuf, FileUse)> = inputs
+        .into_iter()
+        .map(|(p, w)| (p, if w { FileUse::ReadWrite } else { FileUse::Read }))
+        .collect();
+    for o in outputs {
+        if let Some(dir) = o.parent() {
+            paths.push((dir.to_path_buf(), FileUse::Entries));
+        }
+    }
+    let abs = std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    if let Some(dir) = abs.parent() {
+        paths.push((dir.to_path_buf(), FileUse::Read));
+    }
+    paths.push((vmm::reconcile::control::runtime_dir(), FileUse::Entries));
+    paths.push(("/dev/kvm".into(), FileUse::ReadWrite));
+    paths.push((vmm::devices::net::TUN_PATH.into(), FileUse::ReadWrite));
+    match restrict(&paths)? {
+        Enforced::Fully => log::info!("landlock: {} paths", paths.len()),
+        Enforced::Partly => eprintln!("vmm: landlock is only partly enforced by this kernel"),
+        Enforced::Not => eprintln!("vmm: this kernel has no Landlock; --landlock does nothing"),
+    }
+    Ok(())
 }
 
 /// "outer: inner: innermost" for an error and its sources.

@@ -19,7 +19,8 @@ fn qemu_io_or_skip(test: &str) -> bool {
 }
 
 /// `vmm device block` on `img`, up once it says it listens; killed on drop.
-struct Holder(Child, tempfile::TempDir);
+/// The socket directory lives as long as the holder.
+struct Holder(Child, #[allow(dead_code)] tempfile::TempDir);
 
 impl Holder {
     fn start(img: &Path, readonly: bool) -> Holder {

@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "logging",
         "alloc_track",
         "sandbox",
+        "image_lock",
     ],
     &["contract"],
     &["hw"],

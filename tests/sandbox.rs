@@ -305,5 +305,71 @@ fn security_md_counts_match_the_filters() {
         .map(|(list, worker)| format!("| {} | {} |", list.kind, list.count(worker, &devices)))
         .filter(|row| !doc.contains(row))
         .collect();
-    assert!(missing.is_empty(), "docs/security.md lacks the rows {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "docs/security.md lacks the rows {missing:#?}"
+    );
 }
+
+kvm_test!(landlock_limits_the_vm_to_the_files_its_machine_names, {
+    let m = Machine::new(&tiny("spin"), MACHINE);
+    let rt = common::vm::private_dir();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(["up", "--landlock"])
+        .arg(&m.file)
+        .env("VMM_RUNTIME_DIR", rt.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut vm = Vm::spawn(cmd, LIMIT);
+    vm.expect("SPINNING");
+    // The VM runs and its control socket works (the runtime directory is allowed)...
+    let sock = rt.path().join("sbx.sock");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["status"])
+        .env("VMM_RUNTIME_DIR", rt.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...but an edit naming a disk image elsewhere cannot even be read by it, while vmm
+    // itself (outside the sandbox, this test) can.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let img = elsewhere.path().join("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let text = std::fs::read_to_string(&m.file).unwrap();
+    let edit = format!(
+        "{text}[[block]]\nname = \"d\"\npath = {:?}\n",
+        img.display().to_string()
+    );
+    let check = m.dir.path().join("check.toml");
+    std::fs::write(&check, &edit).unwrap();
+    let ok = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("check")
+        .arg(&check)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(&m.file, &edit).unwrap();
+    let said = vm.expect_stderr("Permission denied", 1);
+    assert!(said.contains("d.img"), "{said}");
+    std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("stop")
+        .env("VMM_RUNTIME_DIR", rt.path())
+        .output()
+        .unwrap();
+    let (code, _, err) = vm.finish();
+    assert_eq!(code, Some(0), "{err}");
+});

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         match vmm::check_bytes(&PathBuf::from(dir).join(name), data.to_vec()) {
             Ok(c) => {
                 // A file that checks lowers to a graph that prints.
-                let _ = vmm::graph::print::render(&c.graph);
+                let _ = c.graph.render();
             }
             Err(report) => {
                 let _ = report.render(false, 100);

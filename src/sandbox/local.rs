@@ -149,7 +149,8 @@ mod tests {
         assert_eq!(peer_uid(&a), Some(unsafe { libc::geteuid() }));
         assert!(uid_may_connect(0));
         // SAFETY: as above.
-        assert!(uid_may_connect(unsafe { libc::geteuid() }));
-        assert!(!uid_may_connect(54321) || unsafe { libc::geteuid() } == 54321);
+        let me = unsafe { libc::geteuid() };
+        assert!(uid_may_connect(me));
+        assert!(!uid_may_connect(54321) || me == 54321);
     }
 }

@@ -14,6 +14,7 @@
 //! nothing. A panic takes the same crash path ([`fatal`]).
 
 mod allow;
+pub mod landlock;
 mod local;
 
 pub use allow::*;
@@ -59,6 +60,8 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 static KINDS: OnceLock<Vec<&'static Allow>> = OnceLock::new();
 type Job = Box<dyn FnOnce() + Send>;
 static LAUNCHER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+/// Why the launcher could not start threads (its filter was refused).
+static LAUNCHER_FAILED: OnceLock<String> = OnceLock::new();
 
 thread_local! {
     /// The kind of the current thread, for the SIGSYS message (const-initialised: reading it
@@ -99,27 +102,25 @@ pub fn init(m: Mode, kinds: Vec<&'static Allow>) -> Result<(), SandboxError> {
     let mut all: Vec<&'static Allow> = allow::OWN.to_vec();
     all.extend(kinds);
     let _ = KINDS.set(all);
+    // The launcher installs its filter (the kernel takes ~0.6 ms to take the union) while
+    // this thread goes on building the VM; the first thread it starts waits for it.
     let (tx, rx) = mpsc::channel::<Job>();
-    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("launcher".into())
         .spawn(move || {
             KIND.with(|k| k.set("launcher"));
             block_stop_signals();
             let union = union_of(KINDS.get().map(Vec::as_slice).unwrap_or(&[]));
-            let r = install("launcher", &union);
-            let ok = r.is_ok();
-            let _ = ready_tx.send(r);
-            if ok {
-                for job in rx {
-                    job();
-                }
+            if let Err(e) = install("launcher", &union) {
+                // Jobs are dropped unrun: `spawn` reports this.
+                let _ = LAUNCHER_FAILED.set(e.to_string());
+                return;
+            }
+            for job in rx {
+                job();
             }
         })
         .map_err(SandboxError::Launcher)?;
-    ready_rx
-        .recv()
-        .map_err(|_| SandboxError::Install("launcher", "it ended".into()))??;
     let _ = LAUNCHER.set(tx);
     Ok(())
 }
@@ -189,10 +190,18 @@ pub fn enter_worker(list: &'static Allow) -> Result<(), SandboxError> {
 }
 
 fn install(kind: &'static str, calls: &[Call]) -> Result<(), SandboxError> {
+    let t = std::time::Instant::now();
     let Some(prog) = compile(kind, calls)? else {
         return Ok(());
     };
-    seccompiler::apply_filter(&prog).map_err(|e| SandboxError::Install(kind, e.to_string()))
+    let built = t.elapsed();
+    seccompiler::apply_filter(&prog).map_err(|e| SandboxError::Install(kind, e.to_string()))?;
+    log::debug!(
+        "seccomp: {kind} filter of {} instructions built in {built:?}, installed in {:?}",
+        prog.len(),
+        t.elapsed() - built
+    );
+    Ok(())
 }
 
 /// The program for COMMON + `calls` in the current mode; `None`: no filter to install.
@@ -213,11 +222,15 @@ pub fn build(
     let bad = |e: seccompiler::BackendError| SandboxError::Build(kind, e.to_string());
     // Per call: `None` once any list allows it with any arguments, else the alternatives.
     let mut allowed: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    // The same argument value in several lists makes one rule (the launcher's union repeats
+    // many: a shorter program costs less on every call and when the kernel takes it).
+    let mut seen: std::collections::HashSet<(i64, u8, u64)> = std::collections::HashSet::new();
     for c in COMMON.iter().chain(calls) {
         let entry = allowed.entry(c.nr).or_insert_with(|| Some(Vec::new()));
         let Some(alternatives) = entry else { continue };
         match c.only {
             Only::Any => *entry = None,
+            Only::NoExec if !seen.insert((c.nr, 2, u64::MAX)) => {}
             Only::NoExec => {
                 let no_exec = SeccompCondition::new(
                     2,
@@ -229,7 +242,7 @@ pub fn build(
                 alternatives.push(SeccompRule::new(vec![no_exec]).map_err(bad)?);
             }
             Only::Arg(i, values) => {
-                for v in values {
+                for v in values.iter().filter(|v| seen.insert((c.nr, i, **v))) {
                     let c = SeccompCondition::new(i, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)
                         .map_err(bad)?;
                     alternatives.push(SeccompRule::new(vec![c]).map_err(bad)?);
@@ -276,11 +289,14 @@ pub fn spawn<T: Send + 'static>(
     let job: Job = Box::new(move || {
         let _ = tx.send(std::thread::Builder::new().name(name).spawn(body));
     });
-    launcher
-        .send(job)
-        .map_err(|_| std::io::Error::other("the launcher thread is gone"))?;
-    rx.recv()
-        .map_err(|_| std::io::Error::other("the launcher thread is gone"))?
+    let gone = || {
+        std::io::Error::other(match LAUNCHER_FAILED.get() {
+            Some(e) => format!("no thread can start: {e}"),
+            None => "the launcher thread is gone".to_string(),
+        })
+    };
+    launcher.send(job).map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
 }
 
 // ---- the crash path ------------------------------------------------------------------------

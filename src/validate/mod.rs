@@ -44,6 +44,21 @@ pub struct Known {
 }
 
 impl ValidSpec {
+    /// The host files it names: inputs as (canonical path, opened for writing), and output
+    /// paths (files and sockets vmm creates).
+    pub fn host_files(&self) -> (Vec<(PathBuf, bool)>, Vec<PathBuf>) {
+        let mut inputs: Vec<(PathBuf, bool)> = self
+            .files
+            .inputs
+            .iter()
+            .map(|((_, _, write), info)| (info.path.clone(), *write))
+            .collect();
+        inputs.sort();
+        let mut outputs: Vec<PathBuf> = self.files.outputs.iter().cloned().collect();
+        outputs.sort();
+        (inputs, outputs)
+    }
+
     pub fn spec(&self) -> &MachineSpec {
         &self.loaded.spec
     }
