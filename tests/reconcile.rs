@@ -509,7 +509,11 @@ fn silent_clients_cannot_turn_others_away() {
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
     let mut b = [0u8; 16];
-    assert_eq!((&silent[0]).read(&mut b).unwrap(), 0, "the oldest silent client was kept");
+    assert_eq!(
+        (&silent[0]).read(&mut b).unwrap(),
+        0,
+        "the oldest silent client was kept"
+    );
 }
 
 /// Something that accepts on the socket and closes without answering is reported as such.
