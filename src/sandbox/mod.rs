@@ -42,18 +42,6 @@ pub enum Mode {
     Off,
 }
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "on" | "trap" => Ok(Mode::Trap),
-            "log" => Ok(Mode::Log),
-            "off" => Ok(Mode::Off),
-            _ => Err(format!("`{s}`: expected on, log or off")),
-        }
-    }
-}
-
 /// 0: not set up (unit tests, `vmm check`); else Mode as 1 + index.
 static MODE: AtomicU8 = AtomicU8::new(0);
 /// Every list the launcher may start a thread with (its own filter is their union).
