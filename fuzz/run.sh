@@ -23,10 +23,13 @@ for t in $targets; do
   if ! cargo fuzz run "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       2> "corpus/$t.log"; then
+    ip tuntap del dev vmmfz0 mode tap 2>/dev/null || true
     tail -n 60 "corpus/$t.log" >&2
     echo "fuzz: $t found a crash (fuzz/artifacts/$t); make it a regression test" >&2
     exit 1
   fi
+  # The vhost_user target's TAP.
+  ip tuntap del dev vmmfz0 mode tap 2>/dev/null || true
   grep -E "^stat::number_of_executed_units|^stat::new_units_added|cov:" "corpus/$t.log" | tail -n 3 >&2 || true
 done
 echo "fuzz: every target ran ${secs}s without a crash" >&2

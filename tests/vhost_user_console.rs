@@ -243,24 +243,84 @@ fn vmm_device_console_moves_bytes_both_ways_over_vhost_user() {
     mem.read_slice(&mut input, GuestAddress(RX_BUF)).unwrap();
     assert_eq!(input, b"typed on the host");
 
+    // A hostile driver: a transmit head past the descriptor table. The chain cannot be taken;
+    // the backend must not spin on it (its one thread serves the receive queue too).
+    tx.avail()
+        .ring()
+        .ref_at(1)
+        .unwrap()
+        .store(u16::to_le(QSIZE + 3));
+    tx.avail().idx().store(2);
+    kicks[1].write(1).unwrap();
+    client.write_all(b"after a bad head").unwrap();
+    rx.add_desc_chains(&[desc(RX_BUF + 0x200, 64, WRITE)], 1)
+        .unwrap();
+    kicks[0].write(1).unwrap();
+    wait_until("input after a bad head", Duration::from_secs(10), || {
+        rx.used().idx().load() == 2
+    });
+    let mut after = vec![0u8; 16];
+    mem.read_slice(&mut after, GuestAddress(RX_BUF + 0x200))
+        .unwrap();
+    assert_eq!(after, b"after a bad head");
+
     // A hostile driver: the transmit ring's index runs far ahead. The backend leaves that queue
     // alone and keeps serving the other one.
     tx.avail().idx().store(5000);
     kicks[1].write(1).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     client.write_all(b"still here").unwrap();
-    rx.add_desc_chains(&[desc(RX_BUF + 0x100, 64, WRITE)], 1)
+    rx.add_desc_chains(&[desc(RX_BUF + 0x100, 64, WRITE)], 2)
         .unwrap();
     kicks[0].write(1).unwrap();
     wait_until(
         "input after the broken ring",
         Duration::from_secs(10),
-        || rx.used().idx().load() == 2,
+        || rx.used().idx().load() == 3,
     );
     let mut more = vec![0u8; 10];
     mem.read_slice(&mut more, GuestAddress(RX_BUF + 0x100))
         .unwrap();
     assert_eq!(more, b"still here");
+
+    // A hostile front end: the transmit ring restarted with its available ring at the very end
+    // of guest memory, so its index reads but its entries do not. Nothing can be taken from
+    // it; the backend must not spin on it (its one thread serves the receive queue too).
+    fe.get_vring_base(1).unwrap();
+    let edge = MEM_SIZE as u64 - 4;
+    fe.set_vring_addr(
+        1,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: host_base + tx.desc_table_addr().0,
+            used_ring_addr: host_base + tx.used_addr().0,
+            avail_ring_addr: host_base + edge,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(1, 0).unwrap();
+    mem.write_obj(0u16, GuestAddress(edge)).unwrap();
+    mem.write_obj(1u16, GuestAddress(edge + 2)).unwrap();
+    fe.set_vring_kick(1, &kicks[1]).unwrap();
+    fe.set_vring_enable(1, true).unwrap();
+    kicks[1].write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    client.write_all(b"not stuck").unwrap();
+    rx.add_desc_chains(&[desc(RX_BUF + 0x300, 64, WRITE)], 3)
+        .unwrap();
+    kicks[0].write(1).unwrap();
+    wait_until(
+        "input after an unreadable transmit ring",
+        Duration::from_secs(10),
+        || rx.used().idx().load() == 4,
+    );
+    let mut more = vec![0u8; 9];
+    mem.read_slice(&mut more, GuestAddress(RX_BUF + 0x300))
+        .unwrap();
+    assert_eq!(more, b"not stuck");
 
     // The front end goes away: the backend exits cleanly.
     drop(fe);

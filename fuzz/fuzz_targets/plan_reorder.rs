@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 fn path() -> PathBuf {
     // Relative paths in the seeds (kernel, disks) resolve against machines/.
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../machines/fuzz.toml"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../machines/fuzz.toml"
+    ))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -37,5 +40,9 @@ fuzz_target!(|data: &[u8]| {
         ),
     };
     let (plan, _) = vmm::graph::diff::plan(&a.valid, &a.graph, &b.valid).expect("plans");
-    assert!(plan.is_empty(), "reordering changed the plan: {:?}", plan.changes);
+    assert!(
+        plan.is_empty(),
+        "reordering changed the plan: {:?}",
+        plan.changes
+    );
 });

@@ -50,7 +50,13 @@ fuzz_target!(|data: &[u8]| {
                 *x = rest.get(i).copied().unwrap_or(0);
             }
             let _ = b.send(&frame);
-            let _ = rx(&mut q, &mem, a.as_fd(), RxOffloads::from_features(u64::from(which) << 7), 8);
+            let _ = rx(
+                &mut q,
+                &mem,
+                a.as_fd(),
+                RxOffloads::from_features(u64::from(which) << 7),
+                8,
+            );
             8
         }
         3 => {

@@ -57,8 +57,13 @@ impl VirtioDevice for Walker {
 
 fuzz_target!(|data: &[u8]| {
     let mem = vmm::testing::guest_mem(vmm_fuzz::MEM);
-    let Ok(dev) = VirtioPci::new("f", Box::new(Walker), Arc::new(vmm::testing::NullVm), mem.clone(), BAR)
-    else {
+    let Ok(dev) = VirtioPci::new(
+        "f",
+        Box::new(Walker),
+        Arc::new(vmm::testing::NullVm),
+        mem.clone(),
+        BAR,
+    ) else {
         return;
     };
     let mut inp = Input(data);
@@ -73,7 +78,8 @@ fuzz_target!(|data: &[u8]| {
             0 | 1 => {
                 let Some(off) = inp.u16() else { break };
                 let Some(v) = inp.u64() else { break };
-                dev.lock().write(BAR, u64::from(off % 0x4000), &v.to_le_bytes()[..len]);
+                dev.lock()
+                    .write(BAR, u64::from(off % 0x4000), &v.to_le_bytes()[..len]);
             }
             2 => {
                 let Some(off) = inp.u16() else { break };
@@ -84,7 +90,8 @@ fuzz_target!(|data: &[u8]| {
                 let Some(off) = inp.u8() else { break };
                 let Some(v) = inp.u32() else { break };
                 let l = len.min(4);
-                dev.lock().config_write(u16::from(off), &v.to_le_bytes()[..l]);
+                dev.lock()
+                    .config_write(u16::from(off), &v.to_le_bytes()[..l]);
             }
             4 => {
                 let Some(off) = inp.u8() else { break };

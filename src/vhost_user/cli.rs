@@ -235,6 +235,11 @@ pub fn run(
         code: 1,
         message: e.to_string(),
     })?;
+    eprintln!(
+        "vmm device {}: listening on {}",
+        kind.key(),
+        socket.display()
+    );
     super::serve(kind.key(), model, socket, unsealed_ok).map_err(|e| Failed {
         code: 1,
         message: e.to_string(),

@@ -16,7 +16,7 @@ mod relay;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use crate::hw::served::{Ctx, GuestMem, Listeners, Mem, ServeError, Served, Vring};
 use crate::sync::{Mutex, Rank};
@@ -29,28 +29,33 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-/// The daemon's event loop as [`Listeners`].
+/// The daemon's event loop as [`Listeners`]. Weak: the handler holds the backend, so a
+/// strong reference here would keep both alive after the daemon is gone (a cycle the
+/// vhost_user fuzz target's leak check found).
 struct EpollListeners {
-    handler: OnceLock<Arc<VringEpollHandler<Arc<Backend>>>>,
+    handler: OnceLock<Weak<VringEpollHandler<Arc<Backend>>>>,
 }
 
 impl std::fmt::Debug for EpollListeners {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EpollListeners")
-            .field("running", &self.handler.get().is_some())
+            .field(
+                "running",
+                &self.handler.get().is_some_and(|h| h.strong_count() > 0),
+            )
             .finish()
     }
 }
 
 impl Listeners for EpollListeners {
     fn add(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
-        match self.handler.get() {
+        match self.handler.get().and_then(Weak::upgrade) {
             Some(h) => h.register_listener(fd, EventSet::IN, u64::from(event)),
             None => Err(std::io::Error::other("the event loop is not running")),
         }
     }
     fn remove(&self, fd: RawFd, event: u16) -> std::io::Result<()> {
-        match self.handler.get() {
+        match self.handler.get().and_then(Weak::upgrade) {
             Some(h) => h.unregister_listener(fd, EventSet::IN, u64::from(event)),
             None => Err(std::io::Error::other("the event loop is not running")),
         }
@@ -101,7 +106,25 @@ pub struct Backend {
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
     exit: (EventConsumer, EventNotifier),
+    /// The exit-event consumers lent to the daemon's event loops. vhost-user-backend 0.24
+    /// registers each with `into_raw_fd` and never closes it (one descriptor per daemon); they
+    /// are closed once the daemon is gone ([`LentFds`]).
+    lent: Mutex<Vec<RawFd>>,
     listeners: EpollListeners,
+}
+
+/// Closes the descriptors the daemon leaks ([`Backend::lent`]) when dropped: declared before
+/// the daemon in [`serve`], so it runs after the daemon (and its event loops) are gone.
+struct LentFds(Arc<Backend>);
+
+impl Drop for LentFds {
+    fn drop(&mut self) {
+        for fd in self.0.lent.lock().drain(..) {
+            // SAFETY: a descriptor the daemon took ownership of and dropped without closing;
+            // its event loop (the epoll set it was in) no longer exists.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        }
+    }
 }
 
 impl VhostUserBackend for Backend {
@@ -147,7 +170,11 @@ impl VhostUserBackend for Backend {
         Ok(())
     }
     fn exit_event(&self, _thread: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        use std::os::fd::AsRawFd;
+        let consumer = self.exit.0.try_clone().ok()?;
+        let notifier = self.exit.1.try_clone().ok()?;
+        self.lent.lock().push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
     fn handle_event(
         &self,
@@ -190,19 +217,20 @@ pub fn serve(
         mem: Mutex::new(Rank::Leaf, None),
         event_idx: AtomicBool::new(false),
         exit,
+        lent: Mutex::new(Rank::Leaf, Vec::new()),
         listeners: EpollListeners {
             handler: OnceLock::new(),
         },
     });
+    let _lent = LentFds(backend.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(format!("vmm-{name}"), backend.clone(), mem)
         .map_err(|e| ServeError::Daemon(format!("cannot start: {e}")))?;
     if let Some(h) = daemon.get_epoll_handlers().into_iter().next() {
-        let _ = backend.listeners.handler.set(h);
+        let _ = backend.listeners.handler.set(Arc::downgrade(&h));
     }
     backend.model.start(&backend.listeners)?;
     log::info!("serving {name} on {}", socket.display());
-    eprintln!("vmm device {name}: listening on {}", socket.display());
     if backend.model.relay_early_enables() {
         serve_relayed(
             &mut daemon,
@@ -297,5 +325,64 @@ fn serve_relayed(
             vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
         )) => Ok(()),
         Err(e) => Err(ServeError::Daemon(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A model that counts its drops.
+    #[derive(Debug)]
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    impl Served for Counted {
+        fn virtio(&self) -> &'static crate::contract::VirtioInfo {
+            &crate::devices::rng::VIRTIO
+        }
+        fn features(&self) -> u64 {
+            crate::hw::virtio::VIRTIO_F_VERSION_1
+        }
+        fn handle(&self, _event: u16, _cx: &Ctx<'_>) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_model_is_dropped_once_the_front_end_hangs_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("b.sock");
+        let drops = Arc::new(AtomicUsize::new(0));
+        let model = Box::new(Counted(drops.clone()));
+        let path = socket.clone();
+        let server = std::thread::spawn(move || serve("rng", model, &path, false));
+        let front = loop {
+            match std::os::unix::net::UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        };
+        // GET_FEATURES, answered, then the front end goes away.
+        use std::io::{Read, Write};
+        let mut msg = Vec::new();
+        for v in [1u32, 1, 0] {
+            msg.extend(v.to_le_bytes());
+        }
+        (&front).write_all(&msg).unwrap();
+        let mut reply = [0u8; 20];
+        (&front).read_exact(&mut reply).unwrap();
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 1);
+        drop(front);
+        server.join().unwrap().unwrap();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "serve kept its model alive"
+        );
     }
 }

@@ -98,7 +98,9 @@ impl Served for ConsoleModel {
                 let mut out = self.out.lock();
                 loop {
                     let _ = v.disable_notification();
-                    if transmit(v.get_queue_mut(), cx.mem, &mut *out, BUDGET) > 0 {
+                    let before = v.get_queue().next_avail();
+                    let used = transmit(v.get_queue_mut(), cx.mem, &mut *out, BUDGET) > 0;
+                    if used {
                         signal(&mut v)?;
                     }
                     if ring_broken(v.get_queue(), cx.mem) {
@@ -106,6 +108,11 @@ impl Served for ConsoleModel {
                         return Ok(());
                     }
                     if !matches!(v.enable_notification(), Ok(true)) {
+                        return Ok(());
+                    }
+                    if v.get_queue().next_avail() == before {
+                        // More is announced, yet nothing could be taken (a bad head): wait
+                        // for the next kick instead of spinning (found by fuzz/vhost_user).
                         return Ok(());
                     }
                 }
@@ -120,7 +127,9 @@ impl Served for ConsoleModel {
                 }
                 loop {
                     let _ = v.disable_notification();
-                    if receive(v.get_queue_mut(), cx.mem, &mut self.input.pending()) {
+                    let before = v.get_queue().next_avail();
+                    let used = receive(v.get_queue_mut(), cx.mem, &mut self.input.pending());
+                    if used {
                         signal(&mut v)?;
                     }
                     if ring_broken(v.get_queue(), cx.mem) {
@@ -129,6 +138,7 @@ impl Served for ConsoleModel {
                     }
                     if self.input.pending().is_empty()
                         || !matches!(v.enable_notification(), Ok(true))
+                        || v.get_queue().next_avail() == before
                     {
                         return Ok(());
                     }

@@ -99,6 +99,7 @@ impl NetModel {
         }
         let offloads = *self.offloads.lock();
         loop {
+            let before = v.get_queue().next_avail();
             let o = rx(
                 v.get_queue_mut(),
                 cx.mem,
@@ -134,6 +135,12 @@ impl NetModel {
                     return Ok(());
                 }
                 RxStop::NoBuffers => match v.enable_notification() {
+                    // More is announced, yet nothing could be taken (an available ring that
+                    // does not read): wait for the next kick instead of spinning.
+                    Ok(true) if v.get_queue().next_avail() == before => {
+                        self.watch_tap(cx.listeners, false);
+                        return Ok(());
+                    }
                     Ok(true) => {} // buffers arrived meanwhile
                     Ok(false) | Err(_) => {
                         self.watch_tap(cx.listeners, false);
@@ -154,6 +161,7 @@ impl NetModel {
         };
         loop {
             let _ = v.disable_notification();
+            let before = v.get_queue().next_avail();
             let tap = (!self.state.faulted()).then(|| self.tap.as_fd());
             let o = tx(v.get_queue_mut(), cx.mem, tap, BUDGET);
             self.state.stats.add_tx(&o);
@@ -169,6 +177,8 @@ impl NetModel {
                 }
                 TxStop::Budget => {}
                 TxStop::Empty => match v.enable_notification() {
+                    // Announced but not takeable (see `receive`): wait for the next kick.
+                    Ok(true) if v.get_queue().next_avail() == before => return Ok(()),
                     Ok(true) => {}
                     Ok(false) | Err(_) => return Ok(()),
                 },
