@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vmm::devices::legacy::cmos::Cmos;
-use vmm::devices::legacy::i8042::I8042;
+use vmm::devices::legacy::i8042::{COMMAND_PORT, DATA_PORT, I8042};
 use vmm::devices::legacy::serial::SerialPort;
 use vmm::hw::VmControl;
 use vmm::hw::bus::BusDevice;
@@ -61,11 +61,18 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
         };
-        let off = u64::from(off % 24);
-        if write {
-            dev.write(0, off, &v[..len]);
+        // The i8042 is two one-port ranges told apart by their base (0x60 data, 0x64
+        // command); the others are one range each.
+        let (base, off) = if op & 7 == 2 {
+            let base = [DATA_PORT, COMMAND_PORT][usize::from(off & 1)];
+            (base, u64::from((off >> 1) % 8 == 7))
         } else {
-            dev.read(0, off, &mut b[..len]);
+            (0, u64::from(off % 24))
+        };
+        if write {
+            dev.write(base, off, &v[..len]);
+        } else {
+            dev.read(base, off, &mut b[..len]);
         }
     }
 });
