@@ -2,9 +2,11 @@
 //!
 //! 1. A tiny guest (tests/guest/tiny/hello-pvh) that prints READY on COM1 and powers off:
 //!    launch → READY, launch → exit, peak RSS; `VMM_BENCH_RUNS` runs each (default 30); vmm
-//!    with its seccomp filters (the default) and with `--seccomp off`, interleaved.
+//!    with its seccomp filters (the default), with `--seccomp off` and with `--private-ram`
+//!    (private anonymous guest RAM instead of the shared memfd), interleaved.
 //! 2. The Linux test kernel + initramfs: launch → the guest's /init printing VMM-READY;
-//!    `VMM_BENCH_LINUX_RUNS` runs each (default 3; about 30 s per run on PVM hosts).
+//!    `VMM_BENCH_LINUX_RUNS` runs each (default 3; about 30 s per run on PVM hosts), shared
+//!    and private RAM interleaved.
 //!
 //! QEMU (`qemu-system-x86_64 -M microvm`, Debian package from bookworm-backports, see
 //! docs/performance.md) is measured when installed; otherwise its rows say so.
@@ -122,8 +124,9 @@ fn main() {
         "{:<34} {:>4} {:>12} {:>12} {:>10}",
         "tiny guest (READY, power off)", "runs", "→READY ms", "→exit ms", "RSS MiB"
     );
-    // Interleaved A/B: the default (a seccomp filter on every thread) and --seccomp off.
-    let (mut v, mut off) = (Vec::new(), Vec::new());
+    // Interleaved A/B: the default (a seccomp filter on every thread, RAM a shared memfd),
+    // --seccomp off, and --private-ram (private anonymous RAM).
+    let (mut v, mut off, mut private) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut c = Command::new(vmm);
         c.arg("up").arg(&m);
@@ -131,9 +134,13 @@ fn main() {
         let mut c = Command::new(vmm);
         c.args(["up", "--seccomp", "off"]).arg(&m);
         off.extend(run(c, "READY", None, Duration::from_secs(10)));
+        let mut c = Command::new(vmm);
+        c.args(["up", "--private-ram"]).arg(&m);
+        private.extend(run(c, "READY", None, Duration::from_secs(10)));
     }
     report("vmm up", &v);
     report("vmm up --seccomp off", &off);
+    report("vmm up --private-ram", &private);
     match qemu() {
         Some(q) => {
             let mut v = Vec::new();
@@ -200,18 +207,24 @@ fn main() {
         "\n{:<34} {:>4} {:>12} {:>12} {:>10}",
         "Linux test kernel (2 vCPUs, 64M)", "runs", "→/init ms", "→exit ms", "RSS MiB"
     );
-    let mut v = Vec::new();
+    let (mut v, mut private) = (Vec::new(), Vec::new());
     for _ in 0..linux_runs {
-        let mut c = Command::new(vmm);
-        c.arg("up").arg(&lm);
-        v.extend(run(
-            c,
-            "VMM-READY",
-            Some("poweroff -f\n"),
-            Duration::from_secs(300),
-        ));
+        for (args, out) in [
+            (&["up"][..], &mut v),
+            (&["up", "--private-ram"][..], &mut private),
+        ] {
+            let mut c = Command::new(vmm);
+            c.args(args).arg(&lm);
+            out.extend(run(
+                c,
+                "VMM-READY",
+                Some("poweroff -f\n"),
+                Duration::from_secs(300),
+            ));
+        }
     }
     report("vmm up", &v);
+    report("vmm up --private-ram", &private);
     match qemu() {
         Some(q) => {
             let mut v = Vec::new();

@@ -26,7 +26,7 @@ impl VirtioDevice for Walker {
     fn virtio(&self) -> &'static VirtioInfo {
         &VirtioInfo {
             device_type: 4,
-            queue_sizes: &[16, 256],
+            queue_sizes: std::borrow::Cow::Borrowed(&[16, 256]),
             pci_class: (0xff, 0),
         }
     }

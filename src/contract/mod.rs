@@ -102,8 +102,9 @@ pub struct PioPlacement {
 pub struct VirtioInfo {
     /// virtio device type (virtio 1.2 section 5).
     pub device_type: u16,
-    /// Maximum size of each virtqueue; the length is the number of queues.
-    pub queue_sizes: &'static [u16],
+    /// Maximum size of each virtqueue; the length is the number of queues (borrowed for the
+    /// kinds that declare it once, owned where the machine file says it: `[[vhost_user]]`).
+    pub queue_sizes: std::borrow::Cow<'static, [u16]>,
     /// PCI (class, subclass) the function reports.
     pub pci_class: (u8, u8),
 }
@@ -120,7 +121,7 @@ pub enum Needs {
     /// One of these placements on the legacy I/O port bus, the first free one in order.
     Pio(&'static [PioPlacement]),
     /// A virtio device on PCI bus 0; the virtio-pci transport decides BARs and vectors.
-    VirtioPci(&'static VirtioInfo),
+    VirtioPci(VirtioInfo),
 }
 
 /// A BAR of a PCI function.

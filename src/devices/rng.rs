@@ -16,7 +16,7 @@ use crate::hw::served::Served;
 /// What a virtio entropy device is: type 4, one request queue, PCI class "other".
 pub const VIRTIO: VirtioInfo = VirtioInfo {
     device_type: 4,
-    queue_sizes: &[QUEUE_SIZE],
+    queue_sizes: std::borrow::Cow::Borrowed(&[QUEUE_SIZE]),
     pci_class: (0xff, 0x00),
 };
 
@@ -73,7 +73,7 @@ impl DeviceSpec for RngSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci(&VIRTIO)
+        Needs::VirtioPci(VIRTIO)
     }
     fn check(&self, cx: &mut dyn DeviceCheck) {
         if self.rate == Some(ByteSize(0)) {

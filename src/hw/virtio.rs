@@ -34,6 +34,8 @@ pub const STATUS_FAILED: u8 = 128;
 /// A queue handed to a device when the driver is ready.
 #[derive(Debug)]
 pub struct ActiveQueue {
+    /// The queue's index on the device (the driver may leave queues disabled).
+    pub index: u16,
     pub queue: Queue,
     /// Written by the guest's notification (ioeventfd).
     pub kick: EventFd,
@@ -66,7 +68,7 @@ pub struct Activation {
 /// A virtio device model.
 pub trait VirtioDevice: Send + std::fmt::Debug {
     /// What the device is: type, queues and their sizes, PCI class (declared once per kind).
-    fn virtio(&self) -> &'static crate::contract::VirtioInfo;
+    fn virtio(&self) -> &crate::contract::VirtioInfo;
     /// Offered features, VIRTIO_F_VERSION_1 included.
     fn features(&self) -> u64;
     /// Reads the device configuration space.

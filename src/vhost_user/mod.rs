@@ -135,7 +135,7 @@ impl VhostUserBackend for Backend {
         usize::from(self.model.virtio().queues())
     }
     fn max_queue_size(&self) -> usize {
-        let sizes = self.model.virtio().queue_sizes;
+        let sizes = &self.model.virtio().queue_sizes;
         usize::from(sizes.iter().copied().max().unwrap_or(256))
     }
     fn features(&self) -> u64 {

@@ -1,8 +1,19 @@
-//! Guest RAM: anonymous host mappings for the graph's RAM regions, registered with KVM.
+//! Guest RAM: host mappings for the graph's RAM regions, registered with KVM.
+//!
+//! By default the RAM is one memfd mapped shared, sealed against growing and shrinking: a
+//! vhost-user back end (`[[vhost_user]]`) is handed its descriptor in SET_MEM_TABLE and maps
+//! the same pages, and no back end can truncate it under vmm (a shrunk file would SIGBUS vmm
+//! on the next guest access). `vmm up --private-ram` maps private anonymous memory instead
+//! (no vhost-user devices then); docs/performance.md has the A/B of both.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::contract::units::human_size;
 use crate::graph::DeviceGraph;
@@ -17,6 +28,12 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("Cannot create the {size} memfd for guest memory: {source}")]
+    Memfd {
+        size: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM refused guest memory region {slot} at {start:#x} ({size}): {source}")]
     Register {
         slot: u32,
@@ -27,19 +44,85 @@ pub enum MemoryError {
     },
 }
 
-/// Maps the graph's RAM (private, anonymous, populated on first touch), left out of core
-/// dumps: a crash of vmm never writes the guest's memory (its keys, its data) to disk.
+static PRIVATE: AtomicBool = AtomicBool::new(false);
+
+/// Whether guest RAM is private anonymous memory (`vmm up --private-ram`) rather than a shared
+/// memfd; set once, before the VM is built.
+pub fn set_private(private: bool) {
+    PRIVATE.store(private, Ordering::Relaxed);
+}
+
+/// Whether guest RAM can be shared with a vhost-user back end.
+pub fn shared() -> bool {
+    !PRIVATE.load(Ordering::Relaxed)
+}
+
+/// A memfd of `len` bytes (zero-filled, populated on first touch), sealed so that nobody it is
+/// handed to can resize it; close-on-exec.
+fn sealed_memfd(len: u64) -> std::io::Result<File> {
+    // SAFETY: a NUL-terminated name; the flags are valid; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmm-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own; the result is checked.
+    if unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            seals,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Maps the graph's RAM (populated on first touch; see the module doc for shared or private),
+/// left out of core dumps: a crash of vmm never writes the guest's memory (its keys, its data)
+/// to disk.
 pub fn create(graph: &DeviceGraph) -> Result<GuestMem, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = graph
+    let ram: Vec<(u64, u64)> = graph
         .regions
         .iter()
         .filter(|r| r.ram)
-        .map(|r| (GuestAddress(r.start), r.size as usize))
+        .map(|r| (r.start, r.size))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
-        size: human_size(graph.memory),
-        source,
-    })?;
+    let file = if shared() {
+        let total = ram.iter().map(|r| r.1).sum();
+        Some(Arc::new(sealed_memfd(total).map_err(|source| {
+            MemoryError::Memfd {
+                size: human_size(total),
+                source,
+            }
+        })?))
+    } else {
+        None
+    };
+    let mut offset = 0;
+    let mut ranges = Vec::new();
+    for (start, size) in ram {
+        let fo = file
+            .as_ref()
+            .map(|f| FileOffset::from_arc(f.clone(), offset));
+        ranges.push((GuestAddress(start), size as usize, fo));
+        offset += size;
+    }
+    let mem =
+        GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|source| MemoryError::Map {
+            size: human_size(graph.memory),
+            source,
+        })?;
     for region in mem.iter() {
         // SAFETY: advice on a live mapping owned by `mem`, of its own length; MADV_DONTDUMP
         // changes no contents. A kernel without it leaves the memory dumpable (logged).

@@ -19,7 +19,7 @@ pub use served::BlockModel;
 /// What a virtio block device is: type 2, one request queue, PCI class mass storage.
 pub const VIRTIO: VirtioInfo = VirtioInfo {
     device_type: 2,
-    queue_sizes: &[QUEUE_SIZE],
+    queue_sizes: std::borrow::Cow::Borrowed(&[QUEUE_SIZE]),
     pci_class: (0x01, 0x00),
 };
 
@@ -88,7 +88,7 @@ impl DeviceSpec for BlockSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci(&VIRTIO)
+        Needs::VirtioPci(VIRTIO)
     }
     fn check(&self, cx: &mut dyn DeviceCheck) {
         if let Some(file) = cx.disk_image("path", &self.path, !self.readonly) {

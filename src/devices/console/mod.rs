@@ -22,7 +22,7 @@ pub use served::ConsoleModel;
 /// class "communication, other".
 pub const VIRTIO: VirtioInfo = VirtioInfo {
     device_type: 3,
-    queue_sizes: &[QUEUE_SIZE, QUEUE_SIZE],
+    queue_sizes: std::borrow::Cow::Borrowed(&[QUEUE_SIZE, QUEUE_SIZE]),
     pci_class: (0x07, 0x80),
 };
 
@@ -77,7 +77,7 @@ impl DeviceSpec for ConsoleSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci(&VIRTIO)
+        Needs::VirtioPci(VIRTIO)
     }
     fn check(&self, cx: &mut dyn DeviceCheck) {
         self.io.check(cx, "io");

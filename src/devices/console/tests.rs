@@ -350,7 +350,7 @@ fn console(out: CharOut) -> Console {
 fn config_space_reads() {
     let c = console(CharOut::Sink);
     assert_eq!(c.virtio().device_type, 3);
-    assert_eq!(c.virtio().queue_sizes, [QUEUE_SIZE, QUEUE_SIZE]);
+    assert_eq!(c.virtio().queue_sizes[..], [QUEUE_SIZE, QUEUE_SIZE]);
     let f = c.features();
     assert_ne!(f & VIRTIO_F_VERSION_1, 0);
     assert_ne!(f & VIRTIO_CONSOLE_F_SIZE, 0);
@@ -405,12 +405,13 @@ fn activation(
     irq: &Arc<Count>,
     resets: &Arc<Resets>,
 ) -> (Activation, EventFd) {
-    let q = |vq: &Vq<'_>| ActiveQueue {
+    let q = |index: u16, vq: &Vq<'_>| ActiveQueue {
+        index,
         queue: vq.create_queue().unwrap(),
         kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         irq: irq.clone(),
     };
-    let (rq, tq) = (q(rx), q(tx));
+    let (rq, tq) = (q(0, rx), q(1, tx));
     let tx_kick = tq.kick.try_clone().unwrap();
     let a = Activation {
         mem: mem.clone(),

@@ -54,7 +54,7 @@ use crate::hw::served::Served;
 /// multiqueue), PCI class network controller.
 pub const VIRTIO: VirtioInfo = VirtioInfo {
     device_type: 1,
-    queue_sizes: &[QUEUE_SIZE, QUEUE_SIZE],
+    queue_sizes: std::borrow::Cow::Borrowed(&[QUEUE_SIZE, QUEUE_SIZE]),
     pci_class: (0x02, 0x00),
 };
 
@@ -137,7 +137,7 @@ impl DeviceSpec for NetSpec {
         self.slot
     }
     fn needs(&self) -> Needs {
-        Needs::VirtioPci(&VIRTIO)
+        Needs::VirtioPci(VIRTIO)
     }
     fn check(&self, cx: &mut dyn DeviceCheck) {
         cx.claim(

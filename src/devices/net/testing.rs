@@ -114,7 +114,8 @@ pub fn activation(
     let (rx_kick, tx_kick) = (kick(), kick());
     let config = Arc::new(Count::default());
     let resets = Arc::new(Resets::default());
-    let queue = |vq: &MockSplitQueue<'_, GuestMem>, k: &EventFd| ActiveQueue {
+    let queue = |index: u16, vq: &MockSplitQueue<'_, GuestMem>, k: &EventFd| ActiveQueue {
+        index,
         queue: vq.create_queue::<Queue>().unwrap(),
         kick: k.try_clone().unwrap(),
         irq: Arc::new(Count::default()),
@@ -122,7 +123,7 @@ pub fn activation(
     let a = Activation {
         mem: m.clone(),
         features: FEATURES,
-        queues: vec![queue(rxq, &rx_kick), queue(txq, &tx_kick)],
+        queues: vec![queue(0, rxq, &rx_kick), queue(1, txq, &tx_kick)],
         config_irq: config.clone(),
         needs_reset: resets.clone(),
     };

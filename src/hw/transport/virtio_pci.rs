@@ -165,7 +165,7 @@ impl VirtioPci {
         bar_addr: u64,
     ) -> Result<Arc<Mutex<VirtioPci>>, String> {
         let info = device.virtio();
-        let sizes = info.queue_sizes;
+        let sizes = info.queue_sizes.clone();
         let nq = sizes.len().min(MAX_QUEUES as usize);
         let (_, nvec) = resources(nq as u16);
         let mut vectors = Vec::new();
@@ -371,12 +371,17 @@ impl VirtioPci {
             queue.set_event_idx(
                 self.driver_features & crate::hw::virtio::VIRTIO_F_RING_EVENT_IDX != 0,
             );
-            active.push((i, ActiveQueue { queue, kick, irq }));
+            active.push(ActiveQueue {
+                index: i as u16,
+                queue,
+                kick,
+                irq,
+            });
         }
         let activation = Activation {
             mem: self.mem.clone(),
             features: self.driver_features,
-            queues: active.into_iter().map(|(_, q)| q).collect(),
+            queues: active,
             config_irq: Arc::new(ConfigIrq(self.irq.clone())),
             needs_reset: self.config_irq(),
         };

@@ -54,7 +54,7 @@ impl VirtioDevice for Probe {
     fn virtio(&self) -> &'static VirtioInfo {
         &VirtioInfo {
             device_type: 4,
-            queue_sizes: &[16, 16],
+            queue_sizes: std::borrow::Cow::Borrowed(&[16, 16]),
             pci_class: (0xff, 0),
         }
     }
