@@ -67,6 +67,10 @@ enum Command {
         /// files are then refused). See docs/security.md.
         #[arg(long)]
         landlock: bool,
+        /// Guest RAM as private anonymous memory instead of a sealed memfd mapped shared
+        /// (vhost-user devices need the shared memfd; see docs/performance.md for the cost).
+        #[arg(long)]
+        private_ram: bool,
     },
     /// Show a running VM's devices, hotplug slots and pending unplugs.
     Status {
@@ -188,7 +192,11 @@ fn run(cli: Cli) -> ExitCode {
             no_watch,
             seccomp,
             landlock,
-        } => up(&file, !no_watch, seccomp.mode(), landlock),
+            private_ram,
+        } => {
+            vmm::backend::kvm::memory::set_private(private_ram);
+            up(&file, !no_watch, seccomp.mode(), landlock)
+        }
         Command::Device { .. } => unreachable!("handled in main"),
     }
 }
@@ -638,6 +646,22 @@ fn up(file: &Path, watch: bool, seccomp: vmm::sandbox::Mode, landlock: bool) -> 
             return ExitCode::from(EXIT_BAD_FILE);
         }
     };
+    // A back end that is not running is a warning for `vmm check`, but nothing to start.
+    if checked
+        .warnings
+        .diags
+        .iter()
+        .any(|d| d.code == vmm::validate::NO_BACK_END)
+    {
+        let mut report = checked.warnings.clone();
+        for d in &mut report.diags {
+            if d.code == vmm::validate::NO_BACK_END {
+                d.warning = false;
+            }
+        }
+        emit(&report, Format::Human);
+        return ExitCode::from(EXIT_BAD_FILE);
+    }
     emit(&checked.warnings, Format::Human);
     log::debug!("machine file checked in {:?}", t.elapsed());
     if landlock {

@@ -13,6 +13,7 @@ use vmm::devices::legacy::i8042::I8042Spec;
 use vmm::devices::legacy::serial::{ComPort, SerialSpec};
 use vmm::devices::net::NetSpec;
 use vmm::devices::rng::RngSpec;
+use vmm::devices::vhost_user::{DeviceType, VhostUserSpec};
 use vmm::hw::char_io::CharIo;
 use vmm::spec::cpu::{CpuFeature, CpuSpec};
 use vmm::spec::source::Format;
@@ -62,6 +63,7 @@ prop_compose! {
         net in proptest::collection::vec((name(), "[A-Za-z0-9_.-]{1,15}", proptest::option::of(any::<[u8; 6]>()), slot()), 0..3),
         console in proptest::collection::vec((name(), io(), slot()), 0..3),
         rng in proptest::collection::vec((name(), proptest::option::of(size()), slot()), 0..3),
+        vhost_user in proptest::collection::vec((name(), path(), 1u16..=63, proptest::option::of(1u16..=64), proptest::option::of(1u16..=32768), proptest::option::of(0u16..=256), slot()), 0..3),
     ) -> MachineSpec {
         MachineSpec {
             name, memory, vcpus, kernel, initrd, cmdline,
@@ -74,6 +76,7 @@ prop_compose! {
             net: net.into_iter().map(|(name, tap, mac, slot)| NetSpec { name, tap, mac: mac.map(MacAddr), slot }).collect(),
             console: console.into_iter().map(|(name, io, slot)| ConsoleSpec { name, io, slot }).collect(),
             rng: rng.into_iter().map(|(name, rate, slot)| RngSpec { name, rate, slot }).collect(),
+            vhost_user: vhost_user.into_iter().map(|(name, socket, device, queues, queue_size, config_size, slot)| VhostUserSpec { name, socket, device: DeviceType(device), queues, queue_size, config_size, slot }).collect(),
         }
     }
 }

@@ -44,4 +44,29 @@ pub trait DeviceCheck {
     /// directory must exist, and what is there already must be what vmm would make. Opens
     /// nothing. Returns the absolute path.
     fn output_path(&mut self, field: &str, path: &FilePath, socket: bool) -> Option<PathBuf>;
+    /// Checks a unix socket another program listens on (a vhost-user back end): it must
+    /// exist and be a socket. `help` says what to start. Connects to nothing. Returns the
+    /// absolute path.
+    fn backend_socket(&mut self, field: &str, path: &FilePath, help: &str) -> Option<PathBuf>;
+}
+
+/// Whether `abs` is a socket something may listen on; else what is wrong, and whether it is
+/// only that nothing is there yet (a back end not started: a warning until `vmm up`).
+pub fn check_backend_socket(abs: &std::path::Path) -> Result<(), (String, bool)> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(abs) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err((format!("{} is not a socket", abs.display()), false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err((
+            format!(
+                "No back end listens at {}: the socket does not exist",
+                abs.display()
+            ),
+            true,
+        )),
+        Err(e) => Err((
+            format!("Cannot reach the socket {}: {e}", abs.display()),
+            false,
+        )),
+    }
 }

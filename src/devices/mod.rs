@@ -15,6 +15,7 @@ pub mod console;
 pub mod legacy;
 pub mod net;
 pub mod rng;
+pub mod vhost_user;
 
 use serde::Serialize;
 
@@ -41,6 +42,8 @@ macro_rules! for_each_device_kind {
             console => Console(crate::devices::console::ConsoleSpec),
             /// virtio entropy devices fed from the host's getrandom.
             rng => Rng(crate::devices::rng::RngSpec),
+            /// Devices served by another process, a vhost-user back end on a unix socket (virtiofsd, qemu-storage-daemon, `vmm device`, vhost-device-*).
+            vhost_user => VhostUser(crate::devices::vhost_user::VhostUserSpec),
         }
     };
 }

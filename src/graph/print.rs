@@ -148,7 +148,7 @@ fn pci_bus(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
             let q = if *queues == 1 { "queue " } else { "queues" };
             writeln!(
                 o,
-                "  {head}  {:<8} {:<12} virtio {device_type:>2}  {queues} {q}  msi-x {msix_vectors:>2}  {}",
+                "  {head}  {:<10} {:<12} virtio {device_type:>2}  {queues} {q}  msi-x {msix_vectors:>2}  {}",
                 d.kind,
                 format!("{:?}", d.name),
                 bar.join(", ")
@@ -198,7 +198,7 @@ fn devices(g: &DeviceGraph, o: &mut String) -> std::fmt::Result {
         let props = d.spec.spec().describe(&g.machine);
         let props: Vec<String> = props.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let line = format!(
-            "  {:<8} {:<12} {}",
+            "  {:<10} {:<12} {}",
             d.kind,
             format!("{:?}", d.name),
             props.join(" ")

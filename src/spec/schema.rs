@@ -562,11 +562,20 @@ impl Cx<'_> {
                 .collect();
             return vec![format!("{{ {} }}", keys.join(", "))];
         }
-        vec![
-            s.get("type")
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "a value".into()),
-        ]
+        let range = match (
+            s.get("minimum").and_then(Value::as_i64),
+            s.get("maximum").and_then(Value::as_i64),
+        ) {
+            (Some(lo), Some(hi)) => format!(" from {lo} to {hi}"),
+            _ => String::new(),
+        };
+        vec![match s.get("type").and_then(Value::as_str) {
+            Some("integer") => format!("an integer{range}"),
+            Some("string") => "a string".into(),
+            Some("boolean") => "true or false".into(),
+            Some(t) => format!("a {t}"),
+            None => "a value".into(),
+        }]
     }
 
     fn deref<'s>(&'s self, s: &'s Value) -> &'s Value {

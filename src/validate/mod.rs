@@ -485,7 +485,30 @@ impl DeviceCheck for FileCheck<'_, '_> {
         self.v.files.outputs.insert(out.clone());
         Some(out)
     }
+
+    fn backend_socket(&mut self, field: &str, path: &FilePath, help: &str) -> Option<PathBuf> {
+        let abs = path.resolve(&self.v.loaded.base_dir);
+        let span = self.v.span(&self.field(field));
+        match crate::contract::check::check_backend_socket(&abs) {
+            Ok(()) => Some(std::fs::canonicalize(&abs).unwrap_or(abs)),
+            // A warning while a file is checked or planned (the back end may start later);
+            // `vmm up` refuses to start without it (exit 2).
+            Err((msg, later)) => {
+                let d = if later {
+                    Diag::warning(NO_BACK_END, msg)
+                } else {
+                    Diag::error("vmm::file", msg)
+                };
+                let d = d.label(span, "this socket").help(help.to_string());
+                self.v.push(d);
+                None
+            }
+        }
+    }
 }
+
+/// The code of the warning that a back end's socket is missing (an error for `vmm up`).
+pub const NO_BACK_END: &str = "vmm::no-back-end";
 
 /// Whether vmm may create `abs` (a log file, or a socket when `socket`): its directory exists
 /// and what is there already is what vmm would make. Else (message, help).
@@ -603,6 +626,16 @@ impl DeviceCheck for ArgsCheck<'_> {
             Ok(()) => Some(abs),
             Err((msg, help)) => {
                 self.report(false, field, msg).help(help);
+                None
+            }
+        }
+    }
+    fn backend_socket(&mut self, field: &str, path: &FilePath, help: &str) -> Option<PathBuf> {
+        let abs = path.resolve(self.base);
+        match crate::contract::check::check_backend_socket(&abs) {
+            Ok(()) => Some(abs),
+            Err((msg, _)) => {
+                self.report(false, field, msg).help(help.to_string());
                 None
             }
         }
