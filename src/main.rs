@@ -570,7 +570,7 @@ fn status(machine: Option<&str>, socket: Option<PathBuf>, format: Format) -> Exi
             st = format!("{st}, {n} bytes of output dropped (its reader did not keep up)");
         }
         println!(
-            "  {:<8} {:<14} {:<16} {st}",
+            "  {:<10} {:<14} {:<16} {st}",
             d.kind,
             format!("{:?}", d.name),
             place

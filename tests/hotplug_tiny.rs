@@ -174,7 +174,7 @@ fn control_socket_commands() {
     // Status by file, and as the only VM; human and JSON.
     let (rc, st, _) = vm.vmm(&["status", &path(&m.file)]);
     assert_eq!(rc, 0);
-    assert!(st.contains("net      \"n\""), "{st}");
+    assert!(st.contains("net        \"n\""), "{st}");
     assert!(st.contains("30 used (n)"), "{st}");
     let (_, js, _) = vm.vmm(&["status", "--format", "json"]);
     let s: serde_json::Value = serde_json::from_str(&js).unwrap();

@@ -190,8 +190,24 @@ fn a_back_end_killed_mid_run_leaves_the_vm_running() {
     let m = machine(&sock, "mode=durable records=8000 start=0");
     let mut vm = Vm::start(&m.file, Duration::from_secs(60), &[]);
     vm.expect("ACK 20");
+    let (_, st, _) = vm.vmm(&["status"]);
+    assert!(st.contains("\"disk0\"") && st.contains("running"), "{st}");
     b.child.kill().unwrap();
     let _ = b.child.wait();
+    // `vmm status` says the device failed, and why (the guest waits ~10 s for its request
+    // before it gives up and powers off).
+    let mut st = String::new();
+    for _ in 0..100 {
+        st = vm.vmm(&["status"]).1;
+        if st.contains("failed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        st.contains("failed: the back end closed the connection"),
+        "{st}"
+    );
     let (code, out, err) = vm.finish();
     assert_eq!(
         code,

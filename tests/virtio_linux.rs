@@ -1,6 +1,7 @@
 //! The virtio devices under Linux's own drivers, in vmm, with the Linux test kernel: one boot
 //! checks block (read, write, flush, checksums against the host file), net (ping and TCP over a
-//! real TAP), console (hvc0 both ways over a unix socket) and rng (/dev/hwrng).
+//! real TAP), console (hvc0 both ways over a unix socket), rng (/dev/hwrng), and a disk served
+//! by another process through the vhost-user front end (`vmm device block`).
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
+use common::qemu::Backend;
 use common::tap::{Tap, echo_server};
 use common::vm::{LINUX_LIMIT, Machine, Vm, kvm_or_skip, one_linux_guest_at_a_time, sh, value};
 use common::{guest_artifacts, root};
@@ -38,6 +40,17 @@ fn linux_drivers_use_block_net_console_and_rng() {
         *b = (i * 7 % 251) as u8;
     }
     std::fs::write(&image, &pattern).unwrap();
+    // The vhost-user disk: another pattern, served by `vmm device block`.
+    let vu_image = dir.path().join("vu.img");
+    let vu_pattern: Vec<u8> = (0..4usize << 20).map(|i| (i * 13 % 241) as u8).collect();
+    std::fs::write(&vu_image, &vu_pattern).unwrap();
+    let vu_sock = dir.path().join("vu-blk.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(["device", "block", "--serial", "VMM-VU-DISK", "--socket"])
+        .arg(&vu_sock)
+        .arg("--path")
+        .arg(&vu_image);
+    let _vu = Backend::start(cmd, &vu_sock, Duration::from_secs(20));
     let body = format!(
         r#"initrd = {initrd:?}
 cmdline = "{cmd} vmm_mode=test"
@@ -60,10 +73,15 @@ name = "hvc"
 io = {{ socket = "hvc.sock" }}
 [[rng]]
 name = "rng0"
+[[vhost_user]]
+name = "vudisk"
+socket = {vu_sock:?}
+device = "block"
 "#,
         initrd = g.join("initramfs.cpio").display().to_string(),
         cmd = cmdline.trim(),
         image = image.display().to_string(),
+        vu_sock = vu_sock.display().to_string(),
     );
     let m = Machine::new(&g.join("vmlinux"), &body);
     let sock = m.file.parent().unwrap().join("hvc.sock");
@@ -87,6 +105,11 @@ name = "rng0"
             "virtio device {id} missing: {drivers:?}"
         );
     }
+    assert_eq!(
+        ids.iter().filter(|i| *i == "0x0002").count(),
+        2,
+        "the in-process disk and the vhost-user one: {drivers:?}"
+    );
 
     // Block: size, serial, the host's pattern, a write the host then sees.
     let b = sh(
@@ -108,6 +131,30 @@ name = "rng0"
     sh(
         &mut vm,
         "echo written-by-the-guest > /tmp/w; dd if=/tmp/w of=/dev/vda bs=512 seek=4096 conv=sync,fsync 2>/dev/null",
+    );
+
+    // The vhost-user disk: found by its serial, the host's pattern, a write the host sees.
+    let v = sh(
+        &mut vm,
+        "for b in /sys/block/vd*; do read i < $b/serial; [ \"$i\" = VMM-VU-DISK ] && d=${b##*/}; done; echo VUDEV=$d; read s < /sys/block/$d/size; echo VUSIZE=$s; dd if=/dev/$d bs=1M count=4 2>/dev/null | md5sum; echo vhost-user-write > /tmp/v; dd if=/tmp/v of=/dev/$d bs=512 seek=2048 conv=sync,fsync 2>/dev/null; echo VUDD=$?",
+    );
+    assert_eq!(value(&v, "VUSIZE"), (4 * 2048).to_string(), "{v:?}");
+    assert_eq!(value(&v, "VUDD"), "0", "{v:?}");
+    let vu_md5 = Command::new("md5sum").arg(&vu_image).output().unwrap();
+    let vu_md5 = String::from_utf8_lossy(&vu_md5.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        v.iter().any(|l| l.starts_with(&vu_md5)),
+        "guest read {v:?}, host md5 {vu_md5}"
+    );
+    let vu_disk = std::fs::read(&vu_image).unwrap();
+    assert_eq!(
+        &vu_disk[2048 * 512..2048 * 512 + 16],
+        b"vhost-user-write",
+        "the guest's fsync'd write is on the host file while the VM runs"
     );
 
     // rng.

@@ -63,6 +63,10 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
 
 /// What a device gets from the VM it is built into. The KVM backend implements it; device code
 /// never sees KVM.
+/// Why a device cannot work any more (its back end failed), or `None` while it can: asked
+/// when `vmm status` runs.
+pub type Health = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 pub trait Machine {
     /// The machine's name (as in the machine file); devices derive defaults from it.
     fn machine_name(&self) -> &str;
@@ -95,4 +99,6 @@ pub trait Machine {
         io: &char_io::CharIo,
         input: std::sync::Arc<dyn char_io::CharInput>,
     ) -> Result<char_io::CharOut, DeviceError>;
+    /// Lets `vmm status` show when device `name` fails (a vhost-user back end that died).
+    fn watch_health(&mut self, _name: &str, _health: Health) {}
 }

@@ -48,6 +48,10 @@ pub trait Target: Send {
     fn dropped_output(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
+    /// Devices in the VM that failed (device name, why).
+    fn device_errors(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
@@ -72,6 +76,9 @@ impl Target for std::sync::Arc<crate::backend::kvm::LiveVm> {
     }
     fn dropped_output(&self) -> Vec<(String, u64)> {
         crate::backend::kvm::LiveVm::dropped_output(self)
+    }
+    fn device_errors(&self) -> Vec<(String, String)> {
+        crate::backend::kvm::LiveVm::device_errors(self)
     }
 }
 
@@ -520,9 +527,12 @@ impl<T: Target> Reconciler<T> {
         use protocol::{DeviceState, DeviceStatus, SlotState, SlotStatus};
         let g = &self.desired.graph;
         let dropped: BTreeMap<String, u64> = self.target.dropped_output().into_iter().collect();
+        let errors: BTreeMap<String, String> = self.target.device_errors().into_iter().collect();
         let mut devices = Vec::new();
         for (name, (node, state)) in &self.in_vm {
+            let error = errors.get(name).cloned();
             let (state, pending_seconds) = match state {
+                InVm::Running if error.is_some() => (DeviceState::Failed, None),
                 InVm::Running => (DeviceState::Running, None),
                 InVm::Unplugging { since, .. } => {
                     (DeviceState::Unplugging, Some(since.elapsed().as_secs_f64()))
@@ -536,7 +546,7 @@ impl<T: Target> Reconciler<T> {
                 state,
                 pending_seconds,
                 output_dropped: dropped.get(name).copied(),
-                error: None,
+                error,
             });
         }
         for (name, why) in &self.failed {

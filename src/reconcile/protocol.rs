@@ -79,7 +79,7 @@ pub struct DeviceStatus {
     pub pending_seconds: Option<f64>,
     /// Bytes of console output discarded because nobody read them.
     pub output_dropped: Option<u64>,
-    /// Why plugging it failed (plug-failed).
+    /// Why plugging it failed (plug-failed), or why it failed (failed).
     pub error: Option<String>,
 }
 
@@ -91,6 +91,9 @@ pub enum DeviceState {
     Unplugging,
     /// In the file, but plugging it into the VM failed (see `error`).
     PlugFailed,
+    /// In the VM, but it cannot work any more: its vhost-user back end failed (see `error`);
+    /// the guest was asked to reset it.
+    Failed,
 }
 
 /// One hotplug slot.

@@ -56,6 +56,7 @@ pub(super) struct Builder<'a> {
     sockets: Vec<SocketGuard>,
     plugged: HashMap<u8, Plugged>,
     outputs: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
+    health: Vec<super::live::Watched>,
 }
 
 impl Machine for Builder<'_> {
@@ -149,6 +150,14 @@ impl Machine for Builder<'_> {
         }
         Ok(out)
     }
+
+    fn watch_health(&mut self, name: &str, health: crate::hw::Health) {
+        self.health.push(super::live::Watched {
+            name: name.to_string(),
+            slot: None,
+            health,
+        });
+    }
 }
 
 /// What the main loop keeps of the builder: the port bus (for the vCPUs), the terminal and
@@ -192,6 +201,7 @@ impl<'a> Builder<'a> {
             sockets: Vec::new(),
             plugged: HashMap::new(),
             outputs: Vec::new(),
+            health: Vec::new(),
         }
     }
 
@@ -218,6 +228,7 @@ impl<'a> Builder<'a> {
             hotplug,
             plugged: Mutex::new(Rank::Plugged, self.plugged),
             outputs: self.outputs,
+            health: Mutex::new(Rank::Leaf, self.health),
         });
         let rest = Rest {
             pio: self.pio,

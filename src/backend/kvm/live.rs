@@ -69,6 +69,23 @@ pub struct LiveVm {
     pub(super) plugged: Mutex<HashMap<u8, Plugged>>,
     /// Character devices whose output can be dropped, and the count.
     pub(super) outputs: Vec<(String, Arc<std::sync::atomic::AtomicU64>)>,
+    /// Devices that can fail while the VM runs.
+    pub(super) health: Mutex<Vec<Watched>>,
+}
+
+/// A device whose failure `vmm status` shows.
+#[derive(Clone)]
+pub(super) struct Watched {
+    pub name: String,
+    /// Its hotplug slot when it was plugged at run time (its entry goes with it).
+    pub slot: Option<u8>,
+    pub health: crate::hw::Health,
+}
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Watched({})", self.name)
+    }
 }
 
 impl LiveVm {
@@ -146,6 +163,7 @@ impl LiveVm {
         self.handle.apply_moves();
         self.pci.lock().unplug(slot);
         self.mmio.write().remove_device(&p.bar_device);
+        self.health.lock().retain(|w| w.slot != Some(slot));
         if let Some(h) = &self.hotplug {
             h.removed(slot);
         }
@@ -165,6 +183,16 @@ impl LiveVm {
         self.outputs
             .iter()
             .map(|(n, c)| (n.clone(), c.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The devices that failed, and why.
+    pub fn device_errors(&self) -> Vec<(String, String)> {
+        // Copied out first: a device's health takes its own (DeviceState) lock.
+        let watched = self.health.lock().clone();
+        watched
+            .into_iter()
+            .filter_map(|w| (w.health)().map(|why| (w.name, why)))
             .collect()
     }
 
@@ -262,5 +290,14 @@ impl Machine for LiveMachine<'_> {
         Err(DeviceError(
             "character devices cannot be added while the VM runs".into(),
         ))
+    }
+    fn watch_health(&mut self, name: &str, health: crate::hw::Health) {
+        let mut h = self.vm.health.lock();
+        h.retain(|w| w.name != name);
+        h.push(Watched {
+            name: name.to_string(),
+            slot: Some(self.slot),
+            health,
+        });
     }
 }

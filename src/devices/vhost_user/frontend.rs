@@ -244,6 +244,12 @@ impl VhostUserDevice {
     pub fn broken(&self) -> Option<String> {
         self.shared.broken()
     }
+
+    /// The same, for `vmm status` after the device went to the VM.
+    pub fn health(&self) -> crate::hw::Health {
+        let shared = self.shared.clone();
+        Arc::new(move || shared.broken())
+    }
 }
 
 impl VirtioDevice for VhostUserDevice {

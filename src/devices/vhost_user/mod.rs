@@ -346,7 +346,14 @@ impl Device for VhostUserSpec {
             self.virtio_info(),
             self.config_len(),
         )
-        .map_err(|e| DeviceError(format!("{e}; {}", self.start_hint())))?;
+        .map_err(|e| {
+            if e.not_listening() {
+                DeviceError(format!("{e}; {}", self.start_hint()))
+            } else {
+                DeviceError(e.to_string())
+            }
+        })?;
+        m.watch_health(self.name.as_str(), dev.health());
         crate::hw::transport::virtio_pci::plug(self.name.as_str(), Box::new(dev), at, m)
     }
 }
