@@ -44,6 +44,13 @@ fn linux_drivers_use_block_net_console_and_rng() {
     let vu_image = dir.path().join("vu.img");
     let vu_pattern: Vec<u8> = (0..4usize << 20).map(|i| (i * 13 % 241) as u8).collect();
     std::fs::write(&vu_image, &vu_pattern).unwrap();
+    // Its checksum before the guest writes to it.
+    let vu_md5 = Command::new("md5sum").arg(&vu_image).output().unwrap();
+    let vu_md5 = String::from_utf8_lossy(&vu_md5.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
     let vu_sock = dir.path().join("vu-blk.sock");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
     cmd.args(["device", "block", "--serial", "VMM-VU-DISK", "--socket"])
@@ -140,12 +147,6 @@ device = "block"
     );
     assert_eq!(value(&v, "VUSIZE"), (4 * 2048).to_string(), "{v:?}");
     assert_eq!(value(&v, "VUDD"), "0", "{v:?}");
-    let vu_md5 = Command::new("md5sum").arg(&vu_image).output().unwrap();
-    let vu_md5 = String::from_utf8_lossy(&vu_md5.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string();
     assert!(
         v.iter().any(|l| l.starts_with(&vu_md5)),
         "guest read {v:?}, host md5 {vu_md5}"
