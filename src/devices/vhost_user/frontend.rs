@@ -169,50 +169,15 @@ impl VhostUserDevice {
                 "it offers features {features:#x}, without VIRTIO_F_VERSION_1 (a legacy device): vmm drives modern devices only"
             )));
         }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let theirs = fe
-                .get_protocol_features()
-                .map_err(op("GET_PROTOCOL_FEATURES"))?;
-            protocol = theirs & wanted_protocol();
-            fe.set_protocol_features(protocol)
-                .map_err(op("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let most = fe.get_queue_num().map_err(op("GET_QUEUE_NUM"))?;
-            if most < u64::from(queues) {
-                return Err(proto_err(format!(
-                    "it serves at most {most} queues; the machine file asks for {queues}"
-                )));
-            }
-        }
-        let config = if config_len == 0 {
-            Vec::new()
-        } else if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let len = usize::from(config_len);
-            let (_, bytes) = fe
-                .get_config(
-                    0,
-                    u32::from(config_len),
-                    VhostUserConfigFlags::WRITABLE,
-                    &vec![0; len],
-                )
-                .map_err(|e| {
-                    proto_err(format!(
-                        "GET_CONFIG of {config_len} bytes: {e} (set `config_size` to what it serves)"
-                    ))
-                })?;
-            bytes
-        } else {
+        let protocol = negotiate_protocol(&mut fe, features, queues).map_err(&proto_err)?;
+        let config = read_config(&mut fe, protocol, config_len).map_err(&proto_err)?;
+        if config.is_none() {
             log::warn!(
                 "vhost-user `{name}`: the back end at {} has no configuration space (no CONFIG protocol feature); the guest reads zeros",
                 socket.display()
             );
-            vec![0; usize::from(config_len)]
-        };
+        }
+        let config = config.unwrap_or_else(|| vec![0; usize::from(config_len)]);
         let offered = features & PASSED_FEATURES;
         log::info!(
             "vhost-user `{name}`: {} (type {}, {queues} queues): features {features:#x} (offered {offered:#x}), protocol {:#x}",
@@ -250,6 +215,63 @@ impl VhostUserDevice {
         let shared = self.shared.clone();
         Arc::new(move || shared.broken())
     }
+}
+
+/// Agrees on the protocol features vmm uses (those the back end offers of
+/// `wanted_protocol()`), and checks the back end serves `queues` queues when it says how many.
+fn negotiate_protocol(
+    fe: &mut Frontend,
+    features: u64,
+    queues: u16,
+) -> Result<VhostUserProtocolFeatures, String> {
+    let op = |what: &'static str| move |e: vhost::Error| format!("{what}: {e}");
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let theirs = fe
+            .get_protocol_features()
+            .map_err(op("GET_PROTOCOL_FEATURES"))?;
+        protocol = theirs & wanted_protocol();
+        fe.set_protocol_features(protocol)
+            .map_err(op("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+    }
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let most = fe.get_queue_num().map_err(op("GET_QUEUE_NUM"))?;
+        if most < u64::from(queues) {
+            return Err(format!(
+                "it serves at most {most} queues; the machine file asks for {queues}"
+            ));
+        }
+    }
+    Ok(protocol)
+}
+
+/// Reads `config_len` bytes of configuration space; `None` when the back end has none
+/// to give (no CONFIG protocol feature).
+fn read_config(
+    fe: &mut Frontend,
+    protocol: VhostUserProtocolFeatures,
+    config_len: u16,
+) -> Result<Option<Vec<u8>>, String> {
+    if config_len == 0 {
+        return Ok(Some(Vec::new()));
+    }
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Ok(None);
+    }
+    let (_, bytes) = fe
+        .get_config(
+            0,
+            u32::from(config_len),
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0; usize::from(config_len)],
+        )
+        .map_err(|e| {
+            format!("GET_CONFIG of {config_len} bytes: {e} (set `config_size` to what it serves)")
+        })?;
+    Ok(Some(bytes))
 }
 
 impl VirtioDevice for VhostUserDevice {
