@@ -356,6 +356,9 @@ fn print_plan(plan: &diff::Plan, old: &vmm::spec::Loaded, new: &vmm::spec::Loade
             c.subject,
             c.detail
         );
+        if let Some(n) = &c.note {
+            println!("  {:<13}    note: {n}", "");
+        }
     }
     if hot > 0 && restart > 0 {
         println!(

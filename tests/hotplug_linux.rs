@@ -1,12 +1,17 @@
 //! NIC hotplug from machine file edits, under the Linux test kernel's own drivers (ACPI PCI
 //! hotplug: acpiphp, the GED, virtio-net), in one boot: add a NIC by saving the file, use it,
 //! remove it (the guest releases it, vmm frees the slot and closes the TAP), add it again, and
-//! edits that must change nothing (too many NICs, restart-only, mixed, invalid).
+//! edits that must change nothing (too many NICs, restart-only, mixed, invalid); then disks:
+//! an in-process one and a vhost-user one plugged from the file, the back end killed (`vmm
+//! status` says failed) and restarted, re-plugged by saving the unchanged file, both removed.
 
 mod common;
 
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use common::qemu::Backend;
 use common::tap::Tap;
 use common::vm::{LINUX_LIMIT, Machine, Vm, kvm_or_skip, one_linux_guest_at_a_time, sh, value};
 use common::{guest_artifacts, root};
@@ -67,7 +72,7 @@ memory = "96M"
 vcpus = 2
 
 [pci]
-hotplug_slots = 2
+hotplug_slots = 3
 
 [[serial]]
 name = "console"
@@ -90,7 +95,7 @@ io = "stdio"
     let pid = vm.pid();
     assert_eq!(tun_fds(pid), 0);
     let s = status(&vm);
-    assert_eq!(s["hotplug_free"], 2, "{s}");
+    assert_eq!(s["hotplug_free"], 3, "{s}");
 
     // 1. Add a NIC by saving the file: the guest's drivers bring up a new interface.
     save(&file, &with_nic);
@@ -100,7 +105,7 @@ io = "stdio"
     println!("VMM-NET-ADD {iface}");
     assert_eq!(tun_fds(pid), 1, "vmm holds the TAP open");
     let s = status(&vm);
-    assert_eq!(s["hotplug_free"], 1, "{s}");
+    assert_eq!(s["hotplug_free"], 2, "{s}");
     // Traffic flows over it (single pings: see virtio_linux.rs on busybox ping under PVM).
     let out = sh(
         &mut vm,
@@ -120,7 +125,7 @@ io = "stdio"
     assert_eq!(value(&out, "IFACE"), "none");
     println!("VMM-NET-GONE {iface}");
     let s = status(&vm);
-    assert_eq!(s["hotplug_free"], 2, "{s}");
+    assert_eq!(s["hotplug_free"], 3, "{s}");
     assert_eq!(s["pending_unplugs"].as_array().unwrap().len(), 0, "{s}");
     assert_eq!(tun_fds(pid), 0, "the TAP is closed");
 
@@ -143,9 +148,10 @@ io = "stdio"
     // 4. Edits that change nothing. More NICs than slots: a diagnostic, nothing plugged.
     let before = status(&vm);
     let too_many = format!(
-        "{with_nic}{}{}",
+        "{with_nic}{}{}{}",
         nic("extra1", "vmmx1", "52:54:00:aa:bb:02"),
-        nic("extra2", "vmmx2", "52:54:00:aa:bb:03")
+        nic("extra2", "vmmx2", "52:54:00:aa:bb:03"),
+        nic("extra3", "vmmx3", "52:54:00:aa:bb:04")
     );
     save(&file, &too_many);
     let err = vm.expect_stderr("no free hotplug slot", 1);
@@ -179,6 +185,10 @@ io = "stdio"
     );
     assert_eq!(value(&out, "NICS"), "1");
 
+    // 5. Disks: an in-process one and a vhost-user one (`vmm device block`) plugged from the
+    // file, the back end killed and restarted, re-plugged by saving the unchanged file, removed.
+    disks_follow_the_file(&mut vm, &file, &with_nic, m.dir.path());
+
     // `vmm stop` ends the VM.
     let (rc, out, err) = vm.vmm(&["stop", "hotplug"]);
     assert_eq!(rc, 0, "{out}{err}");
@@ -186,4 +196,141 @@ io = "stdio"
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("stopped by vmm stop"), "{stderr}");
     drop(tap);
+}
+
+/// Waits in the guest until a disk with serial `serial` exists (or not); when it does, prints
+/// its name and the md5 of its first MiB.
+fn wait_disk(serial: &str, present: bool) -> String {
+    let want = if present { "" } else { "!" };
+    format!(
+        "i=0; while [ $i -lt 600 ]; do d=; for b in /sys/block/vd*; do [ -e $b/serial ] || continue; read s < $b/serial; [ \"$s\" = {serial} ] && d=${{b##*/}}; done; [ {want} -n \"$d\" ] && break; sleep 0.1; i=$((i+1)); done; echo DISK=${{d:-none}}; [ -n \"$d\" ] && dd if=/dev/$d bs=1M count=1 2>/dev/null | md5sum | while read h _; do echo MD5=$h; done; true"
+    )
+}
+
+fn start_block_backend(sock: &Path, image: &Path) -> Backend {
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(["device", "block", "--serial", "VMM-HP-VU", "--socket"])
+        .arg(sock)
+        .arg("--path")
+        .arg(image);
+    Backend::start(cmd, sock, Duration::from_secs(20))
+}
+
+/// A 1 MiB image of a pattern made from `seed`, and its md5.
+fn pattern_image(path: &Path, seed: usize) -> String {
+    let pattern: Vec<u8> = (0..1usize << 20).map(|i| (i * seed % 239) as u8).collect();
+    std::fs::write(path, &pattern).unwrap();
+    let md5 = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&md5.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn device_state(vm: &Vm, name: &str) -> serde_json::Value {
+    status(vm)["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// One save adds an in-process disk and a vhost-user disk (`vmm device block`); the guest reads
+/// both and writes the first; the vhost-user back end is killed (`vmm status`: failed) and
+/// restarted, and saving the unchanged file re-plugs that disk alone; removing both from the
+/// file takes them from the guest, and the host image has the guest's write.
+fn disks_follow_the_file(vm: &mut Vm, file: &Path, with_nic: &str, dir: &Path) {
+    let blk_image = dir.join("hp-blk.img");
+    let blk_md5 = pattern_image(&blk_image, 37);
+    let vu_image = dir.join("hp-vu.img");
+    let vu_md5 = pattern_image(&vu_image, 31);
+    let sock = dir.join("hp-vu.sock");
+    let backend = start_block_backend(&sock, &vu_image);
+    let with_disks = format!(
+        "{with_nic}\n[[block]]\nname = \"hpdisk\"\npath = {:?}\nserial = \"VMM-HP-BLK\"\n\n[[vhost_user]]\nname = \"vudisk\"\nsocket = {:?}\ndevice = \"block\"\n",
+        blk_image.display().to_string(),
+        sock.display().to_string()
+    );
+    // `vmm plan` notes that a disk must be unmounted before it is removed.
+    let plan_file = dir.join("plan.toml");
+    std::fs::write(&plan_file, with_nic).unwrap();
+    save(file, &with_disks);
+    vm.expect_stderr("+ block `hpdisk`: plugged into hotplug slot", 1);
+    vm.expect_stderr("+ vhost_user `vudisk`: plugged into hotplug slot", 1);
+    let (rc, out, err) = vm.vmm(&["plan", plan_file.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{out}{err}");
+    assert!(out.contains("- block `hpdisk`"), "{out}");
+    assert!(out.contains("note: unmount it in the guest first"), "{out}");
+    let out = sh(vm, &wait_disk("VMM-HP-BLK", true));
+    assert_eq!(value(&out, "MD5"), blk_md5, "{out:?}");
+    let blk = value(&out, "DISK");
+    sh(
+        vm,
+        &format!(
+            "echo hot-plugged-disk-write > /tmp/h; dd if=/tmp/h of=/dev/{blk} bs=512 seek=8 conv=sync,fsync 2>/dev/null"
+        ),
+    );
+    let out = sh(vm, &wait_disk("VMM-HP-VU", true));
+    assert_eq!(value(&out, "MD5"), vu_md5, "{out:?}");
+    println!("VMM-DISK-HOTPLUG {blk} {}", value(&out, "DISK"));
+
+    // The back end dies: that device fails, the VM runs on, `vmm status` says so.
+    drop(backend);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let dev = device_state(vm, "vudisk");
+        if dev["state"] == "failed" {
+            break dev;
+        }
+        assert!(Instant::now() < deadline, "never failed: {dev}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("closed the connection"),
+        "{failed}"
+    );
+    assert_eq!(device_state(vm, "hpdisk")["state"], "running");
+
+    // Restarted, and the file saved unchanged: that disk alone is unplugged and plugged again.
+    let _backend = start_block_backend(&sock, &vu_image);
+    save(file, &with_disks);
+    vm.expect_stderr("to plug it again (its back end failed)", 1);
+    vm.expect_stderr(
+        "vhost_user `vudisk`: removed after the guest released it",
+        1,
+    );
+    vm.expect_stderr("+ vhost_user `vudisk`: plugged into hotplug slot", 2);
+    let out = sh(vm, &wait_disk("VMM-HP-VU", true));
+    assert_eq!(value(&out, "MD5"), vu_md5, "{out:?}");
+    assert_eq!(device_state(vm, "vudisk")["state"], "running");
+    assert!(
+        !vm.stderr().contains("block `hpdisk`: removed"),
+        "{}",
+        vm.stderr()
+    );
+
+    // Both removed from the file: the guest lets them go; the write is in the host image.
+    save(file, with_nic);
+    vm.expect_stderr("block `hpdisk`: removed after the guest released it", 1);
+    vm.expect_stderr(
+        "vhost_user `vudisk`: removed after the guest released it",
+        2,
+    );
+    for serial in ["VMM-HP-BLK", "VMM-HP-VU"] {
+        let out = sh(vm, &wait_disk(serial, false));
+        assert_eq!(value(&out, "DISK"), "none", "{out:?}");
+    }
+    let host = std::fs::read(&blk_image).unwrap();
+    assert_eq!(
+        &host[8 * 512..8 * 512 + 22],
+        b"hot-plugged-disk-write",
+        "host image"
+    );
 }

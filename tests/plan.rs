@@ -25,6 +25,7 @@ tap = "tap0"
 [[block]]
 name = "disk"
 path = "disk.img"
+slot = 1
 "#;
 
 struct Dir(tempfile::TempDir);
@@ -68,7 +69,7 @@ vcpus = 1
 name = "m"
 memory = "64MiB"
 pci = { hotplug_slots = 2 }
-block = [ { name = "disk", path = "disk.img" } ]
+block = [ { name = "disk", path = "disk.img", slot = 1 } ]
 
 [[net]]
 tap = "tap0"
@@ -156,26 +157,78 @@ fn a_nic_beyond_the_hotplug_slots_needs_a_restart() {
     );
 }
 
+/// Disks come and go live in hotplug slots, and their removal carries a note: unmount first.
+/// A disk in a static slot needs a restart.
 #[test]
-fn block_devices_need_a_restart_to_come_or_go() {
+fn disks_in_hotplug_slots_come_and_go_live_with_an_unmount_note() {
     let d = Dir::new();
     let new = format!("{BASE}\n[[block]]\nname = \"disk2\"\npath = \"vmlinux\"\nreadonly = true\n");
     let (p, _) = d.plan(BASE, &new);
+    let c = &p.changes[0];
+    assert_eq!((c.class, c.action), (Class::HotApply, Action::Add), "{c:?}");
+    assert_eq!(c.detail, "add into hotplug slot 31");
+    assert_eq!(c.note, None);
+    let (p, _) = d.plan(&new, BASE);
+    let c = &p.changes[0];
     assert_eq!(
-        (p.changes[0].class, p.changes[0].action),
-        (Class::NeedsRestart, Action::Add)
+        (c.class, c.action),
+        (Class::HotApply, Action::Remove),
+        "{c:?}"
     );
     assert!(
-        p.changes[0]
-            .reason
+        c.note
             .as_deref()
-            .unwrap()
-            .contains("cannot be added")
+            .unwrap_or("")
+            .contains("unmount it in the guest first"),
+        "{c:?}"
     );
-    let (p, _) = d.plan(&new, BASE);
+    // The CLI prints the note under the change, and JSON carries it.
+    let old = d.0.path().join("with.toml");
+    let without = d.0.path().join("without.toml");
+    std::fs::write(&old, &new).unwrap();
+    std::fs::write(&without, BASE).unwrap();
+    let out = vmm()
+        .args(["plan", old.to_str().unwrap(), without.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("hot-apply      block `disk2`: remove from hotplug slot 30"),
+        "{s}"
+    );
+    assert!(s.contains("note: unmount it in the guest first"), "{s}");
+    let out = vmm()
+        .args([
+            "plan",
+            "--format",
+            "json",
+            old.to_str().unwrap(),
+            without.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("\"note\":"),
+        "{}",
+        text(&out.stdout)
+    );
+    // In a static slot: only a restart.
+    let (p, _) = d.plan(
+        BASE,
+        &BASE.replace(
+            "[[block]]\nname = \"disk\"\npath = \"disk.img\"\nslot = 1\n",
+            "",
+        ),
+    );
+    let c = &p.changes[0];
     assert_eq!(
-        (p.changes[0].class, p.changes[0].action),
-        (Class::NeedsRestart, Action::Remove)
+        (c.class, c.action),
+        (Class::NeedsRestart, Action::Remove),
+        "{c:?}"
+    );
+    assert!(
+        c.reason.as_deref().unwrap().contains("static slot 1"),
+        "{c:?}"
     );
 }
 

@@ -22,15 +22,21 @@ io = "stdio"
 [[block]]
 name = "disk"
 path = "disk.img"
+slot = 1
 "#;
 
 fn nic(name: &str, tap: &str) -> String {
     format!("\n[[net]]\nname = \"{name}\"\ntap = \"{tap}\"\n")
 }
 
-/// Records what the VM is asked; plugging a TAP named "broken" fails.
+/// Records what the VM is asked; plugging a TAP named "broken" fails, and so does every
+/// plug while `refuse` is set; `errors` are the devices whose back end failed.
 #[derive(Clone, Default)]
-struct Fake(Arc<Mutex<Vec<String>>>);
+struct Fake(
+    Arc<Mutex<Vec<String>>>,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<Mutex<Vec<(String, String)>>>,
+);
 
 impl Fake {
     fn take(&self) -> Vec<String> {
@@ -43,6 +49,9 @@ impl Target for Fake {
         let slot = node.pci_slot().unwrap();
         if format!("{:?}", node.spec).contains("broken") {
             return Err("cannot open TAP broken".into());
+        }
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("no back end listens".into());
         }
         self.0
             .lock()
@@ -60,6 +69,9 @@ impl Target for Fake {
     }
     fn stop(&mut self, why: &str) {
         self.0.lock().unwrap().push(format!("stop {why}"));
+    }
+    fn device_errors(&self) -> Vec<(String, String)> {
+        self.2.lock().unwrap().clone()
     }
 }
 
@@ -582,5 +594,71 @@ fn an_oversized_edit_is_refused_like_vmm_check_refuses_it() {
     let text = o.lines.join("\n");
     assert!(text.contains("larger than 256 KiB"), "{text}");
     assert_eq!(o.diagnostics[0]["code"], "vmm::too-large");
+    assert!(s.fake.take().is_empty());
+}
+
+/// A save that changes nothing (or `vmm apply` of the same file) retries what did not
+/// converge: a plug that was refused, and a hot-plugged device whose back end failed (it is
+/// unplugged, then plugged again once the guest released it). With nothing to retry it is
+/// silent and does nothing.
+#[test]
+fn an_unchanged_save_retries_refused_plugs_and_failed_back_ends() {
+    use std::sync::atomic::Ordering;
+    use vmm::reconcile::Event;
+    use vmm::reconcile::watch::WatchEvent;
+    let mut s = Setup::new(BASE);
+    let with = format!("{BASE}{}", nic("eth1", "tap1"));
+    s.fake.1.store(true, Ordering::Relaxed);
+    let o = s.edit(&with);
+    assert!(o.lines.join("\n").contains("cannot plug"), "{:?}", o.lines);
+    assert!(s.fake.take().is_empty());
+    let st = serde_json::to_value(s.r.status()).unwrap();
+    assert!(st.to_string().contains("plug-failed"), "{st}");
+    // Still refused: retried, still failed.
+    assert!(s.r.handle(Event::File(WatchEvent::Unchanged)));
+    assert!(s.fake.take().is_empty());
+    assert!(
+        s.said.lock().unwrap().join("\n").contains("retrying"),
+        "{:?}",
+        s.said
+    );
+    // The back end is there now.
+    s.fake.1.store(false, Ordering::Relaxed);
+    assert!(s.r.handle(Event::File(WatchEvent::Unchanged)));
+    assert_eq!(s.fake.take(), ["plug eth1 30"]);
+    // Nothing to retry: nothing happens, nothing is said.
+    s.said.lock().unwrap().clear();
+    assert!(s.r.handle(Event::File(WatchEvent::Unchanged)));
+    assert!(s.fake.take().is_empty());
+    assert!(s.said.lock().unwrap().is_empty(), "{:?}", s.said);
+
+    // Its back end fails: `vmm apply` of the same file unplugs it...
+    s.fake
+        .2
+        .lock()
+        .unwrap()
+        .push(("eth1".into(), "the back end hung up".into()));
+    let o = s.edit(&with);
+    assert_eq!(o.verdict, Verdict::Live);
+    assert!(o.applied);
+    assert!(
+        o.lines
+            .join("\n")
+            .contains("to plug it again (its back end failed)"),
+        "{:?}",
+        o.lines
+    );
+    assert_eq!(s.fake.take(), ["unplug 30"]);
+    // ... and plugs it again (a new device, healthy) once the guest released it.
+    s.fake.2.lock().unwrap().clear();
+    s.r.ejected(1 << 30);
+    assert_eq!(s.fake.take(), ["remove 30", "plug eth1 30"]);
+    // A failed device in a static slot stays: it cannot be re-plugged.
+    s.fake
+        .2
+        .lock()
+        .unwrap()
+        .push(("disk".into(), "gone".into()));
+    assert_eq!(s.edit(&with).verdict, Verdict::NoChanges);
     assert!(s.fake.take().is_empty());
 }

@@ -180,4 +180,9 @@ pub trait DeviceSpec: std::fmt::Debug {
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         Vec::new()
     }
+    /// What the guest must do before this device is removed from a running VM, for `vmm plan`
+    /// ("unmount it first"); `None` when nothing.
+    fn unplug_note(&self) -> Option<&'static str> {
+        None
+    }
 }

@@ -63,6 +63,9 @@ pub struct Change {
     pub detail: String,
     /// Why a restart is needed.
     pub reason: Option<String>,
+    /// What the guest should do first, for a live change (a disk removal: unmount it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub span: Range<usize>,
     pub side: Side,
 }
@@ -183,6 +186,7 @@ fn machine_changes(old: &ValidSpec, new: &ValidSpec, out: &mut Vec<Change>) {
             subject: display_path(&p),
             detail: format!("{} → {}", show(a.pointer(&p)), show(b.pointer(&p))),
             reason: Some("machine settings are fixed while the VM runs".into()),
+            note: None,
             span,
             side,
         });
@@ -250,6 +254,9 @@ fn removed(old: &ValidSpec, o: &DeviceNode) -> Change {
             format!("`{}` devices cannot be removed from a running VM", o.kind)
         }
     });
+    let note = live(o)
+        .then(|| o.spec.spec().unplug_note().map(str::to_string))
+        .flatten();
     Change {
         class: class(live(o)),
         action: Action::Remove,
@@ -257,6 +264,7 @@ fn removed(old: &ValidSpec, o: &DeviceNode) -> Change {
         subject: format!("{} `{}`", o.kind, o.name),
         detail: format!("remove from {}", where_(o)),
         reason,
+        note,
         span: old.loaded().spans.entry(&format!("{ptr}/name")),
         side: Side::Old,
     }
@@ -288,6 +296,7 @@ fn added(new: &ValidSpec, og: &DeviceGraph, ng: &DeviceGraph, n: &DeviceNode) ->
         subject: format!("{} `{}`", n.kind, n.name),
         detail: format!("add into {}", where_(n)),
         reason,
+        note: None,
         span: new.loaded().spans.entry(&format!("{ptr}/name")),
         side: Side::New,
     }
@@ -314,6 +323,7 @@ fn changed(new: &ValidSpec, o: &DeviceNode, n: &DeviceNode, out: &mut Vec<Change
                 format!("becomes a {} device", n.kind)
             },
             reason: Some("a device's kind and place are fixed while the VM runs".into()),
+            note: None,
             span: spans.entry(&format!("{ptr}/name")),
             side: Side::New,
         });
@@ -341,6 +351,7 @@ fn changed(new: &ValidSpec, o: &DeviceNode, n: &DeviceNode, out: &mut Vec<Change
             subject: format!("{} `{}` {}", n.kind, n.name, display_path(&k)),
             detail: format!("{} → {}", show(a.pointer(&k)), show(b.pointer(&k))),
             reason: Some(reason.clone()),
+            note: None,
             span,
             side: Side::New,
         });

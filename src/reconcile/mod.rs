@@ -19,6 +19,7 @@
 //! backend's [`LiveVm`](crate::backend::kvm::LiveVm) in a VM, a recording fake in tests.
 
 pub mod control;
+mod converge;
 pub mod protocol;
 pub mod watch;
 
@@ -227,6 +228,12 @@ impl<T: Target> Reconciler<T> {
                     self.say(l);
                 }
             }
+            Event::File(watch::WatchEvent::Unchanged) => {
+                let name = self.path.display().to_string();
+                for l in self.retry(&name).unwrap_or_default() {
+                    self.say(&l);
+                }
+            }
             Event::File(watch::WatchEvent::Deleted) => {
                 let p = self.path.display().to_string();
                 self.say(&format!(
@@ -300,6 +307,15 @@ impl<T: Target> Reconciler<T> {
             if apply {
                 // Same machine: keep the new text, so later diagnostics point into it.
                 self.desired = Checked { graph, ..new };
+                if let Some(lines) = self.retry(&name) {
+                    return EditOutcome {
+                        verdict: Verdict::Live,
+                        applied: true,
+                        lines,
+                        changes: Vec::new(),
+                        diagnostics: Vec::new(),
+                    };
+                }
             }
             return EditOutcome {
                 verdict: Verdict::NoChanges,
@@ -321,6 +337,9 @@ impl<T: Target> Reconciler<T> {
         if !apply {
             for c in &plan.changes {
                 lines.push(format!("  {} {}: {}", sign(c.action), c.subject, c.detail));
+                if let Some(n) = &c.note {
+                    lines.push(format!("      note: {n}"));
+                }
             }
             return EditOutcome {
                 verdict: Verdict::Live,
@@ -332,12 +351,13 @@ impl<T: Target> Reconciler<T> {
         }
         self.desired = Checked { graph, ..new };
         lines.extend(self.converge());
+        let diagnostics = self.refused_plugs(&plan, &mut lines);
         EditOutcome {
             verdict: Verdict::Live,
             applied: true,
             lines,
             changes: plan.changes,
-            diagnostics: Vec::new(),
+            diagnostics,
         }
     }
 
@@ -393,132 +413,6 @@ impl<T: Target> Reconciler<T> {
             lines,
             changes: plan.changes.clone(),
             diagnostics,
-        }
-    }
-
-    /// Makes the VM converge on the desired machine as far as it can now; returns what it did.
-    fn converge(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        let now = Instant::now();
-        let desired = &self.desired.graph;
-        self.failed.retain(|name, _| desired.device(name).is_some());
-        // Leaving: in the VM, not in the file (or no longer the same device).
-        let leaving: Vec<String> = self
-            .in_vm
-            .iter()
-            .filter(|(name, (node, state))| {
-                *state == InVm::Running && self.desired.graph.device(name) != Some(node)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in leaving {
-            let Some((node, state)) = self.in_vm.get_mut(&name) else {
-                continue;
-            };
-            let Some(slot) = slot_of(node) else { continue };
-            match self.target.request_unplug(slot) {
-                Ok(()) => {
-                    *state = InVm::Unplugging {
-                        since: now,
-                        signalled: now,
-                    };
-                    lines.push(format!(
-                        "  - {}: the guest is asked to release hotplug slot {slot}",
-                        what(node)
-                    ));
-                }
-                Err(e) => lines.push(format!("  ! {}: cannot unplug: {e}", what(node))),
-            }
-        }
-        // Arriving: in the file, not in the VM.
-        let arriving: Vec<DeviceNode> = self
-            .desired
-            .graph
-            .devices
-            .iter()
-            .filter(|d| !self.in_vm.contains_key(&d.name))
-            .cloned()
-            .collect();
-        for node in arriving {
-            let Some(slot) = slot_of(&node) else { continue };
-            if let Some((other, _)) = self.in_vm.values().find(|(n, _)| slot_of(n) == Some(slot)) {
-                lines.push(format!(
-                    "  … {}: waits for hotplug slot {slot}, which the guest is still releasing from `{}`",
-                    what(&node),
-                    other.name
-                ));
-                continue;
-            }
-            match self.target.plug(&node) {
-                Ok(()) => {
-                    self.failed.remove(&node.name);
-                    lines.push(format!(
-                        "  + {}: plugged into hotplug slot {slot}",
-                        what(&node)
-                    ));
-                    self.in_vm.insert(node.name.clone(), (node, InVm::Running));
-                }
-                Err(e) => {
-                    lines.push(format!("  ! {}: cannot plug: {e}", what(&node)));
-                    self.failed.insert(node.name.clone(), e);
-                }
-            }
-        }
-        lines
-    }
-
-    /// The guest released `bits`: remove those devices, then converge (a device may wait for
-    /// one of those slots).
-    pub fn ejected(&mut self, bits: u32) -> Vec<String> {
-        let mut lines = Vec::new();
-        let gone: Vec<String> = self
-            .in_vm
-            .iter()
-            .filter(|(_, (n, s))| {
-                matches!(s, InVm::Unplugging { .. })
-                    && slot_of(n).is_some_and(|slot| bits & (1u32 << slot) != 0)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            let Some((node, state)) = self.in_vm.remove(&name) else {
-                continue;
-            };
-            let slot = slot_of(&node).unwrap_or(0);
-            let took = match state {
-                InVm::Unplugging { since, .. } => since.elapsed(),
-                InVm::Running => Duration::ZERO,
-            };
-            match self.target.remove(slot) {
-                Ok(()) => lines.push(format!(
-                    "{}: removed after the guest released it ({:.0} ms); hotplug slot {slot} is free",
-                    what(&node),
-                    took.as_secs_f64() * 1000.0
-                )),
-                Err(e) => lines.push(format!("{}: removing it failed: {e}", what(&node))),
-            }
-        }
-        let more = self.converge();
-        lines.extend(more);
-        lines
-    }
-
-    /// Signals again the removal requests the guest has not answered for [`RESIGNAL`].
-    pub fn tick(&mut self, now: Instant) {
-        let mut again = Vec::new();
-        for (node, state) in self.in_vm.values_mut() {
-            if let InVm::Unplugging { signalled, .. } = state
-                && now.duration_since(*signalled) >= RESIGNAL
-            {
-                *signalled = now;
-                if let Some(slot) = slot_of(node) {
-                    again.push((slot, node.name.clone()));
-                }
-            }
-        }
-        for (slot, name) in again {
-            log::info!("`{name}`: the guest has not released slot {slot} yet; asking again");
-            let _ = self.target.request_unplug(slot);
         }
     }
 

@@ -167,6 +167,19 @@ const FCNTL: &[u64] = &[
     libc::F_GET_SEALS as u64,
 ];
 
+/// FCNTL, and the open file description locks disk images take (src/image_lock.rs): for a
+/// thread that opens disks.
+const FCNTL_LOCKS: &[u64] = &[
+    libc::F_DUPFD_CLOEXEC as u64,
+    libc::F_GETFD as u64,
+    libc::F_SETFD as u64,
+    libc::F_GETFL as u64,
+    libc::F_SETFL as u64,
+    libc::F_GET_SEALS as u64,
+    libc::F_OFD_GETLK as u64,
+    libc::F_OFD_SETLK as u64,
+];
+
 /// The ioctls a thread that plugs or moves device resources uses (KVM's VM fd).
 const KVM_WIRING: [u64; 5] = [
     KVM_IOEVENTFD,
@@ -244,8 +257,9 @@ pub const WATCHER: Allow = Allow {
     on_vcpu: &[],
 };
 
-/// The reconciler: re-checks the file (reads the files it names), opens TAPs, wires plugged
-/// functions into KVM, kicks vCPUs.
+/// The reconciler: re-checks the file (reads the files it names), opens TAPs and disk images
+/// (locking them), connects to vhost-user back ends and negotiates with them (socket timeouts,
+/// messages with descriptors), wires plugged functions into KVM, kicks vCPUs.
 pub const RECONCILER: Allow = Allow {
     kind: "reconciler",
     calls: &[
@@ -268,6 +282,7 @@ pub const RECONCILER: Allow = Allow {
                 SIOCGIFFLAGS,
                 FIONBIO,
                 FIOCLEX,
+                BLKGETSIZE64,
                 w[0],
                 w[1],
                 w[2],
@@ -276,7 +291,7 @@ pub const RECONCILER: Allow = Allow {
             ]
         }),
         call!(SYS_eventfd2),
-        call!(SYS_fcntl, 1, FCNTL),
+        call!(SYS_fcntl, 1, FCNTL_LOCKS),
         call!(SYS_tgkill),
         call!(SYS_getpid),
         call!(SYS_getrandom),
@@ -284,6 +299,10 @@ pub const RECONCILER: Allow = Allow {
         call!(SYS_poll),
         call!(SYS_sendto),
         call!(SYS_epoll_ctl),
+        call!(SYS_connect),
+        call!(SYS_setsockopt),
+        call!(SYS_sendmsg),
+        call!(SYS_recvmsg),
     ],
     on_vcpu: &[],
 };

@@ -1,6 +1,6 @@
 //! virtio-blk: a block device backed by a raw image file (virtio 1.2 section 5.2).
 //!
-//! Guest driver: Linux `virtio_blk` (/dev/vdX).
+//! Guest driver: Linux `virtio_blk` (/dev/vdX). Hot-pluggable into the machine's hotplug slots.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,7 @@ pub struct BlockSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 20))]
     pub serial: Option<String>,
-    /// PCI slot on bus 0; the first free static slot when omitted.
+    /// PCI slot on bus 0; a free hotplug slot (else static slot) when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<PciSlot>,
 }
@@ -60,11 +60,16 @@ pub const SECCOMP: crate::sandbox::Allow = crate::sandbox::Allow {
     on_vcpu: &[],
 };
 
+/// `vmm plan`'s note next to the removal of a disk from a running VM.
+pub const DISK_UNPLUG_NOTE: &str = "unmount it in the guest first: Linux removes a disk that is still mounted, and what its file system had not written is lost";
+
 impl DeviceKindInfo for BlockSpec {
     const INFO: KindInfo = KindInfo {
         key: "block",
         noun: "disk",
-        hotpluggable: false,
+        // Plugged once the image is open and locked (a missing or locked image refuses the
+        // plug); removed once the guest released it, which closes and unlocks the image.
+        hotpluggable: true,
         max_count: None,
         aliases: &["disk", "disks", "drive", "drives"],
         platform: &[],
@@ -115,6 +120,9 @@ impl DeviceSpec for BlockSpec {
         {
             cx.error("serial", "The serial number must be printable ASCII".into());
         }
+    }
+    fn unplug_note(&self) -> Option<&'static str> {
+        Some(DISK_UNPLUG_NOTE)
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {
         let mut v = vec![("path", self.path.to_string())];

@@ -184,7 +184,7 @@ pub struct VhostUserSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 256))]
     pub config_size: Option<u16>,
-    /// PCI slot on bus 0; the first free static slot when omitted.
+    /// PCI slot on bus 0; a free hotplug slot (else static slot) when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<PciSlot>,
 }
@@ -258,7 +258,9 @@ impl DeviceKindInfo for VhostUserSpec {
     const INFO: KindInfo = KindInfo {
         key: "vhost_user",
         noun: "vhost-user device",
-        hotpluggable: false,
+        // Plugged once connected and negotiated (a missing back end refuses the plug); removed
+        // once the guest released it, which closes the connection.
+        hotpluggable: true,
         max_count: None,
         aliases: &["vhost-user", "vhostuser", "vhost"],
         platform: &[],
@@ -323,6 +325,15 @@ impl DeviceSpec for VhostUserSpec {
                 "socket",
                 "a back end serves one front end: start one per device",
             );
+        }
+    }
+    fn unplug_note(&self) -> Option<&'static str> {
+        match self.device.0 {
+            2 | 8 => Some(crate::devices::block::DISK_UNPLUG_NOTE),
+            9 | 26 => Some(
+                "unmount the share in the guest first: Linux cannot release a device whose file system is mounted",
+            ),
+            _ => None,
         }
     }
     fn describe(&self, _machine: &str) -> Vec<(&'static str, String)> {

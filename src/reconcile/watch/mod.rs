@@ -19,8 +19,9 @@
 //! directory itself. The read happens once `quiet` has passed without a
 //! further relevant event (trailing debounce), but no later than
 //! [`MAX_DELAY`] after the first event of the burst. The bytes read are then
-//! compared with the content last reported (or the initial content): only a
-//! difference is reported.
+//! compared with the content last reported (or the initial content): a
+//! difference is reported as [`WatchEvent::Changed`], the same content as
+//! [`WatchEvent::Unchanged`] (never for the initial read).
 //!
 //! # Half-written files
 //!
@@ -84,6 +85,10 @@ pub enum WatchEvent {
     /// The file has new content (bytes differ from the last content reported
     /// or the initial content).
     Changed(Vec<u8>),
+    /// The file was read again (after a save, a rename onto it or an attribute change) and
+    /// holds the content last reported: a save that changed nothing. The reconciler retries
+    /// what did not converge (a device whose back end was missing) on it.
+    Unchanged,
     /// The file is gone (deleted or renamed away); reported once until it
     /// comes back.
     Deleted,

@@ -516,6 +516,9 @@ impl<F: FnMut(WatchEvent)> State<F> {
                         self.path.display(),
                         bytes.len()
                     );
+                    if !startup {
+                        (self.on_event)(WatchEvent::Unchanged);
+                    }
                 } else {
                     log::debug!(
                         "watch {}: content changed ({} bytes)",

@@ -203,8 +203,9 @@ fn in_place_write_then_same_content_save() {
     fs::write(&fx.path, b"a = 2\n").unwrap();
     fx.expect(changed(b"a = 2\n"));
     fx.expect_none();
-    // No-op save.
+    // No-op save: reported as such (the reconciler retries what did not converge).
     fs::write(&fx.path, b"a = 2\n").unwrap();
+    fx.expect(WatchEvent::Unchanged);
     fx.expect_none();
 }
 
@@ -341,6 +342,7 @@ fn delete_then_recreate_with_same_content() {
     fs::remove_file(&fx.path).unwrap();
     fx.expect(WatchEvent::Deleted);
     fs::write(&fx.path, b"same\n").unwrap();
+    fx.expect(WatchEvent::Unchanged);
     fx.expect_none();
 }
 
@@ -379,7 +381,8 @@ fn chmod_000() {
     set_mode(&fx.path, 0o000);
     // SAFETY: trivial syscall.
     if unsafe { libc::geteuid() } == 0 {
-        // Root still reads it: same content, no event.
+        // Root still reads it: the same content.
+        fx.expect(WatchEvent::Unchanged);
         fx.expect_none();
     } else {
         match fx.next(Duration::from_secs(2)) {
@@ -393,8 +396,9 @@ fn chmod_000() {
         set_mode(&fx.path, 0o000);
         fx.expect_none();
     }
-    // Readable again with the same content: nothing to report.
+    // Readable again with the same content.
     set_mode(&fx.path, 0o644);
+    fx.expect(WatchEvent::Unchanged);
     fx.expect_none();
     fs::write(&fx.path, b"public\n").unwrap();
     fx.expect(changed(b"public\n"));
