@@ -106,15 +106,15 @@ io = "stdio"
     assert_eq!(tun_fds(pid), 1, "vmm holds the TAP open");
     let s = status(&vm);
     assert_eq!(s["hotplug_free"], 2, "{s}");
-    // Traffic flows over it (single pings: see virtio_linux.rs on busybox ping under PVM).
+    // Traffic flows over it.
     let out = sh(
         &mut vm,
         &format!(
-            "ip addr add 10.213.9.2/24 dev {iface}; ip link set {iface} up; ping -c 1 -W 10 10.213.9.1 | while read l; do case $l in *received*) echo \"PING=$l\";; esac; done"
+            "ip addr add 10.213.9.2/24 dev {iface}; ip link set {iface} up; ping -c 2 -i 0.2 -W 10 10.213.9.1 | while read l; do case $l in *received*) echo \"PING=$l\";; esac; done"
         ),
     );
     assert!(
-        value(&out, "PING").contains("1 packets received"),
+        value(&out, "PING").contains("2 packets received"),
         "{out:?}"
     );
 
@@ -137,11 +137,11 @@ io = "stdio"
     let out = sh(
         &mut vm,
         &format!(
-            "ip addr add 10.213.9.2/24 dev {iface}; ip link set {iface} up; ping -c 1 -W 10 10.213.9.1 | while read l; do case $l in *received*) echo \"PING=$l\";; esac; done"
+            "ip addr add 10.213.9.2/24 dev {iface}; ip link set {iface} up; ping -c 2 -i 0.2 -W 10 10.213.9.1 | while read l; do case $l in *received*) echo \"PING=$l\";; esac; done"
         ),
     );
     assert!(
-        value(&out, "PING").contains("1 packets received"),
+        value(&out, "PING").contains("2 packets received"),
         "{out:?}"
     );
 

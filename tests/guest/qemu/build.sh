@@ -22,8 +22,12 @@ cache=${VMM_GUEST_DIR:-$HOME/.cache/vmm-guest}/qemu
 mkinitramfs=$here/../mkinitramfs.py
 busybox=/bin/busybox
 # Drivers for virtio-pci block, net, console and rng devices (built-in ones are kept too, in
-# case a later kernel makes them modular). Their dependencies are added automatically.
-modules=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng)
+# case a later kernel makes them modular), and for the device wave (virtio-iommu first: VIOT
+# endpoints defer their probe until it exists). Their dependencies are added automatically.
+# ./init loads the same list.
+modules=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng
+  virtio_iommu virtio_balloon virtio_input evdev virtio_pmem nd_pmem 9pnet_virtio 9p virtiofs
+  vmw_vsock_virtio_transport virtio_scsi sd_mod virtio_snd virtio_gpu xhci_pci usbhid usb_storage)
 
 # The kernel package and version, from the local apt lists (no network).
 resolve() {
