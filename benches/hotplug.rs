@@ -6,8 +6,9 @@
 //! `HP+ <slot> …` on COM1 the moment a function answers, and ejects what the host asks back
 //! (`EJ <slot>`). Times are CLOCK_MONOTONIC: the save is stamped here just before the rename
 //! that completes it, (a) comes from vmm's debug log ("signalled at monotonic …"), (b) is when
-//! the guest's line arrives here. `VMM_BENCH_RUNS` add/remove cycles (default 50), then the
-//! same through `vmm apply` (the explicit path: a process start and a control socket call).
+//! the guest's line arrives here. `VMM_BENCH_RUNS` add/remove cycles (default 50) of a NIC,
+//! the NIC through `vmm apply` (the explicit path: a process start and a control socket call),
+//! then of a disk and of a vhost-user disk (qemu-storage-daemon's vhost-user-blk export).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -191,27 +192,9 @@ fn main() {
     });
     wait_line(&rx, "HP-READY", &log);
 
-    let (mut signalled, mut visible, mut ejected, mut removed) = (vec![], vec![], vec![], vec![]);
-    let mut apply_visible = vec![];
-    let mut guest_part = vec![];
     let mut n = 0;
-    for _ in 0..runs {
-        n += 1;
-        let t0 = save(&file, &with_nic);
-        let seen = wait_line(&rx, "HP+ 1e", &log);
-        let (_, mono) = wait_log(&log, "hotplug: slot 30 signalled at", n);
-        let sig = mono.expect("a monotonic stamp");
-        signalled.push(sig - t0);
-        visible.push(seen - t0);
-        guest_part.push(seen - sig);
-        let t1 = save(&file, &base);
-        let ej = wait_line(&rx, "EJ 1e", &log);
-        let (rm, _) = wait_log(&log, "removed after the guest released it", n);
-        // The guest has seen the slot empty before the next plug.
-        wait_line(&rx, "HP- 1e", &log);
-        ejected.push(ej - t1);
-        removed.push(rm - t1);
-    }
+    let mut apply_visible = vec![];
+    let nic = save_cycles(&file, &base, &with_nic, runs, &rx, &log, &mut n);
     // The explicit path: `vmm apply` of another file (a process start + a socket round trip).
     std::fs::write(&other, &with_nic).unwrap();
     let other_base = dir.path().join("other-base.toml");
@@ -240,13 +223,97 @@ fn main() {
         wait_log(&log, "removed after the guest released it", n);
         wait_line(&rx, "HP- 1e", &log);
     }
+    // Disks: an in-process one, and one served by `vmm device block` through the front end.
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let with_disk = format!(
+        "{base}\n[[block]]\nname = \"d\"\npath = {:?}\n",
+        image.display().to_string()
+    );
+    let disk = save_cycles(&file, &base, &with_disk, runs, &rx, &log, &mut n);
+    let vu_image = dir.path().join("vu.img");
+    std::fs::write(&vu_image, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("vu.sock");
+    // qemu-storage-daemon keeps serving after a front end leaves (`vmm device` serves one).
+    let mut backend = Command::new("qemu-storage-daemon");
+    backend
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            vu_image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,writable=on,addr.type=unix,addr.path={}",
+            sock.display()
+        ))
+        .stderr(Stdio::null());
+    let _backend = Kill(backend.spawn().unwrap());
+    for _ in 0..2000 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let with_vu = format!(
+        "{base}\n[[vhost_user]]\nname = \"vd\"\nsocket = {:?}\ndevice = \"block\"\n",
+        sock.display().to_string()
+    );
+    let vu = save_cycles(&file, &base, &with_vu, runs, &rx, &log, &mut n);
     drop(child);
 
     println!("hotplug latency, tiny guest polling config space, {runs} cycles each:");
-    stats("save → hotplug signalled (a)", signalled);
-    stats("save → function visible (b)", visible);
-    stats("  of which signalled → visible", guest_part);
-    stats("save → guest ejects", ejected);
-    stats("save → vmm reports removed", removed);
-    stats("vmm apply start → visible", apply_visible);
+    for (what, c) in [
+        ("NIC (TAP)", nic),
+        ("disk (raw image)", disk),
+        ("vhost-user disk (qemu-storage-daemon)", vu),
+    ] {
+        println!(" {what}:");
+        stats("save → hotplug signalled (a)", c.signalled);
+        stats("save → function visible (b)", c.visible);
+        stats("  of which signalled → visible", c.guest_part);
+        stats("save → guest ejects", c.ejected);
+        stats("save → vmm reports removed", c.removed);
+    }
+    stats("vmm apply start → visible (NIC)", apply_visible);
+}
+
+/// Times of `runs` add/remove cycles by saving `with` then `base`.
+#[derive(Default)]
+struct Cycles {
+    signalled: Vec<f64>,
+    visible: Vec<f64>,
+    guest_part: Vec<f64>,
+    ejected: Vec<f64>,
+    removed: Vec<f64>,
+}
+
+fn save_cycles(
+    file: &Path,
+    base: &str,
+    with: &str,
+    runs: usize,
+    rx: &Receiver<(f64, String)>,
+    log: &Mutex<Vec<(f64, String)>>,
+    n: &mut usize,
+) -> Cycles {
+    let mut c = Cycles::default();
+    for _ in 0..runs {
+        *n += 1;
+        let t0 = save(file, with);
+        let seen = wait_line(rx, "HP+ 1e", log);
+        let (_, mono) = wait_log(log, "hotplug: slot 30 signalled at", *n);
+        let sig = mono.expect("a monotonic stamp");
+        c.signalled.push(sig - t0);
+        c.visible.push(seen - t0);
+        c.guest_part.push(seen - sig);
+        let t1 = save(file, base);
+        let ej = wait_line(rx, "EJ 1e", log);
+        let (rm, _) = wait_log(log, "removed after the guest released it", *n);
+        // The guest has seen the slot empty before the next plug.
+        wait_line(rx, "HP- 1e", log);
+        c.ejected.push(ej - t1);
+        c.removed.push(rm - t1);
+    }
+    c
 }
