@@ -6,8 +6,9 @@
 set -euo pipefail
 installed() { [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]; }
 # busybox-static, kmod (depmod, modprobe) and xz-utils also build the QEMU guest's initramfs.
+# libseccomp-dev and libcap-ng-dev build virtiofsd (below).
 debs=(linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev xz-utils patch
-      busybox-static kmod acpica-tools)
+      busybox-static kmod acpica-tools libseccomp-dev libcap-ng-dev)
 missing=()
 for p in "${debs[@]}"; do
   installed "$p" || missing+=("$p")
@@ -58,3 +59,14 @@ if ! command -v tombi >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check tombi >&2 ||
     echo "deps: could not install tombi; the editor test will be skipped" >&2
 fi
+# vhost-user daemons from crates.io (`cargo install --locked`), built once into a cache outside
+# target/ ($VMM_TOOLS, default ~/.cache/vmm-tools; tests find them there: tests/common/tools.rs).
+tools=${VMM_TOOLS:-$HOME/.cache/vmm-tools}
+for spec in virtiofsd@1.14.0; do
+  name=${spec%@*}
+  if [[ ! -x $tools/bin/$name ]]; then
+    echo "deps: building $spec (cargo install --locked, once)" >&2
+    cargo install --quiet --locked --root "$tools" "$spec" >&2 ||
+      echo "deps: could not build $spec; the tests that need it will fail under VMM_NO_SKIP" >&2
+  fi
+done

@@ -189,6 +189,10 @@ io = "stdio"
     // file, the back end killed and restarted, re-plugged by saving the unchanged file, removed.
     disks_follow_the_file(&mut vm, &file, &with_nic, m.dir.path());
 
+    // 6. A virtio-fs share served by virtiofsd, plugged from the file, mounted, used both
+    // ways, unmounted and removed.
+    share_follows_the_file(&mut vm, &file, &with_nic, m.dir.path());
+
     // `vmm stop` ends the VM.
     let (rc, out, err) = vm.vmm(&["stop", "hotplug"]);
     assert_eq!(rc, 0, "{out}{err}");
@@ -333,4 +337,53 @@ fn disks_follow_the_file(vm: &mut Vm, file: &Path, with_nic: &str, dir: &Path) {
         b"hot-plugged-disk-write",
         "host image"
     );
+}
+
+/// virtiofsd (tests/deps.sh builds it) serves a host directory as `[[vhost_user]] device =
+/// "fs"`: saving the file plugs it, the guest mounts it (`mount -t virtiofs`), reads a host
+/// file, writes one the host then reads, and sees a file the host made after the mount; after
+/// `umount`, removing it from the file takes it from the guest.
+fn share_follows_the_file(vm: &mut Vm, file: &Path, with_nic: &str, dir: &Path) {
+    let test = "nics_follow_the_machine_file (virtio-fs step)";
+    let Some(virtiofsd) = common::tool("virtiofsd") else {
+        common::skip(test, "virtiofsd is not built (tests/deps.sh builds it)");
+        return;
+    };
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("hello.txt"), "from-the-host\n").unwrap();
+    let sock = dir.join("fs.sock");
+    let mut cmd = Command::new(virtiofsd);
+    cmd.arg("--socket-path")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--tag", "share", "--sandbox", "none", "--cache", "auto"]);
+    let _daemon = Backend::start(cmd, &sock, Duration::from_secs(20));
+    let with_share = format!(
+        "{with_nic}\n[[vhost_user]]\nname = \"share\"\nsocket = {:?}\ndevice = \"fs\"\n",
+        sock.display().to_string()
+    );
+    save(file, &with_share);
+    vm.expect_stderr("+ vhost_user `share`: plugged into hotplug slot", 1);
+    let out = sh(
+        vm,
+        "mkdir -p /mnt/s; i=0; until mount -t virtiofs share /mnt/s 2>/dev/null; do [ $i -ge 300 ] && break; sleep 0.1; i=$((i+1)); done; read l < /mnt/s/hello.txt; echo READ=$l; echo from-the-guest > /mnt/s/guest.txt; sync; echo WROTE=$?",
+    );
+    assert_eq!(value(&out, "READ"), "from-the-host", "{out:?}");
+    assert_eq!(value(&out, "WROTE"), "0", "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("guest.txt")).unwrap(),
+        "from-the-guest\n"
+    );
+    std::fs::write(shared.join("later.txt"), "made-after-the-mount\n").unwrap();
+    let out = sh(
+        vm,
+        "read l < /mnt/s/later.txt; echo LATER=$l; umount /mnt/s; echo UMOUNT=$?",
+    );
+    assert_eq!(value(&out, "LATER"), "made-after-the-mount", "{out:?}");
+    assert_eq!(value(&out, "UMOUNT"), "0", "{out:?}");
+    println!("VMM-VIRTIOFS ok");
+    save(file, with_nic);
+    vm.expect_stderr("vhost_user `share`: removed after the guest released it", 1);
 }

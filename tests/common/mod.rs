@@ -83,6 +83,18 @@ pub fn guest_artifacts() -> PathBuf {
     }
     dir
 }
+/// A vhost-user daemon tests/deps.sh built from crates.io into `$VMM_TOOLS` (default
+/// ~/.cache/vmm-tools), if it is there.
+pub fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("VMM_TOOLS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/vmm-tools"))
+        })?;
+    let p = dir.join("bin").join(name);
+    p.is_file().then_some(p)
+}
+
 pub mod qemu;
 pub mod qsd;
 pub mod tap;
