@@ -70,7 +70,6 @@ fn add_remove_cycles_leak_nothing() {
     let with_nic = format!("{base}\n[[net]]\nname = \"n\"\ntap = \"{tap_name}\"\n");
     let mut vm = Vm::start(&file, Duration::from_secs(300), &[]);
     vm.expect("HP-READY");
-    let pid = vm.pid();
 
     let cycle = |vm: &mut Vm, i: usize| {
         save(&file, &with_nic);
@@ -85,37 +84,7 @@ fn add_remove_cycles_leak_nothing() {
     for i in 1..=WARMUP {
         cycle(&mut vm, i);
     }
-    let before = usage(pid);
-    let t = Instant::now();
-    for i in WARMUP + 1..=WARMUP + CYCLES {
-        cycle(&mut vm, i);
-    }
-    let took = t.elapsed();
-    let after = usage(pid);
-    println!(
-        "{CYCLES} add/remove cycles in {:.2} s: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
-        took.as_secs_f64(),
-        before.fds,
-        after.fds,
-        before.threads,
-        after.threads,
-        before.rss_kib,
-        after.rss_kib
-    );
-    assert_eq!(before.fds, after.fds, "open files grew");
-    assert_eq!(before.threads, after.threads, "threads grew");
-    assert!(
-        after.rss_kib <= before.rss_kib + 1024,
-        "RSS grew by {} KiB over {CYCLES} cycles",
-        after.rss_kib - before.rss_kib
-    );
-    // Every plug was reported, and the VM is as it started.
-    let e = vm.stderr();
-    assert_eq!(
-        e.matches("+ net `n`: plugged").count(),
-        WARMUP + CYCLES,
-        "{e}"
-    );
+    churn(&mut vm, "net `n`", WARMUP, CYCLES, cycle);
     let (rc, out, _) = vm.vmm(&["status", "churn", "--format", "json"]);
     assert_eq!(rc, 0);
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -336,23 +305,22 @@ fn vhost_user_devices_plug_and_unplug_from_the_file() {
         "{}",
         vm.stderr()
     );
-    churn(&mut vm, "vhost_user `vd`", 1, cycle);
+    churn(&mut vm, "vhost_user `vd`", 1, 1000, cycle);
 }
 
-/// Add/remove cycles `2..=CHURN+1` after the first: vmm ends with the open files and threads
+/// `cycles` add/remove cycles after the first `first`: vmm ends with the open files and threads
 /// it had after the first, and (nearly) the same memory; every plug was reported.
-fn churn(vm: &mut Vm, what: &str, first: usize, cycle: impl Fn(&mut Vm, usize)) {
-    const CHURN: usize = 1000;
+fn churn(vm: &mut Vm, what: &str, first: usize, cycles: usize, cycle: impl Fn(&mut Vm, usize)) {
     let pid = vm.pid();
     let before = usage(pid);
     let t = Instant::now();
-    for i in first + 1..=first + CHURN {
+    for i in first + 1..=first + cycles {
         cycle(vm, i);
     }
     let took = t.elapsed();
     let after = usage(pid);
     println!(
-        "{what}: {CHURN} add/remove cycles in {:.2} s: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
+        "{what}: {cycles} add/remove cycles in {:.2} s: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
         took.as_secs_f64(),
         before.fds,
         after.fds,
@@ -365,12 +333,12 @@ fn churn(vm: &mut Vm, what: &str, first: usize, cycle: impl Fn(&mut Vm, usize)) 
     assert_eq!(before.threads, after.threads, "{what}: threads grew");
     assert!(
         after.rss_kib <= before.rss_kib + 1024,
-        "{what}: RSS grew by {} KiB over {CHURN} cycles",
+        "{what}: RSS grew by {} KiB over {cycles} cycles",
         after.rss_kib - before.rss_kib
     );
     assert_eq!(
         vm.stderr().matches(&format!("+ {what}: plugged")).count(),
-        first + CHURN,
+        first + cycles,
         "{}",
         vm.stderr()
     );
@@ -464,5 +432,5 @@ fn disks_plug_and_unplug_from_the_file() {
         vm.expect("HP- 1e");
         vm.expect_stderr("removed after the guest released it", i);
     };
-    churn(&mut vm, "block `d`", 1, cycle);
+    churn(&mut vm, "block `d`", 1, 1000, cycle);
 }
